@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint data venv clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: on this project's machines pip takes 2.14.1 / 0.29.1 from local wheels
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data:
+	@test -d $(FASHION_MNIST) || { apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist; }
+
+demo: $(STAMP) data
+	$(VENV)/bin/timm-ood demo
+
+test: $(STAMP) data
+	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check timm_ood tests benchmarks plugins
+
+clean-venv:
+	rm -rf $(VENV)

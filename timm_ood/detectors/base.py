@@ -1,0 +1,234 @@
+"""The detector contract.
+
+A detector turns what the tap computed for a batch into one score per input,
+higher = more out-of-distribution. It declares what it needs in one frozen
+:class:`Requirements`, takes its hyperparameters as keyword arguments stored
+under the same names (scikit-learn's convention, so they are introspectable and
+settable), and keeps any fitted state in tensors registered as buffers: it
+follows ``.to()`` with the model and saves to safetensors without pickle.
+
+Fitting streams: :meth:`Detector.reset_fit`, then :meth:`Detector.update_fit`
+once per batch (sufficient statistics only), then :meth:`Detector.finish_fit`.
+Several detectors fit together in one pass over the data
+(:func:`timm_ood.fitting.fit_detectors`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from abc import ABCMeta, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import NotFittedError
+from ..tap import Need, Outputs, Tap
+
+__all__ = ["Detector", "Requirements", "all_reduce_sum", "score_dtype"]
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a detector needs; the tap and the fitting loop read nothing else.
+
+    Attributes:
+        outputs: what the shared forward pass must compute for it to score.
+        fit_outputs: what it reads while fitting (default: ``outputs``).
+        input_gradients: it runs its own forward/backward passes on the inputs
+            (ODIN, input preprocessing); scoring then runs with autograd.
+        linear_classifier: it reads the weight and bias of a single linear
+            classifier over the pre-logits (refused for distilled/MLP heads).
+        fit: it must be fitted on in-distribution data before scoring.
+        fit_labels: its fit uses the class labels.
+    """
+
+    outputs: frozenset[Need] = frozenset({Need.LOGITS})
+    fit_outputs: frozenset[Need] | None = None
+    input_gradients: bool = False
+    linear_classifier: bool = False
+    fit: bool = False
+    fit_labels: bool = False
+
+    @property
+    def outputs_for_fit(self) -> frozenset[Need]:
+        return self.outputs if self.fit_outputs is None else self.fit_outputs
+
+
+def score_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: half-precision scores would tie and lose order."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum sufficient statistics over processes in place (a no-op without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class Detector(nn.Module, metaclass=ABCMeta):
+    """Base class of every OOD detector, built-in or from a plugin.
+
+    Subclasses set the class attributes below, store every ``__init__``
+    keyword argument as an attribute of the same name, implement
+    :meth:`score`, and, when ``requirements.fit`` is true, the three fit
+    methods. Scores are higher for more out-of-distribution inputs; a method
+    whose paper score is "higher = in-distribution" is negated and says so.
+
+    Attributes:
+        name: the registered name (``"msp"``, ``"odin"``, ...).
+        requirements: what it needs from the model and the data.
+        search_space: candidate values per hyperparameter, for ``tune``.
+        fit_hyperparameters: hyperparameters that change what ``fit`` computes;
+            setting one of them invalidates a fit.
+        paper: the paper (and equation) the detector implements.
+    """
+
+    name: ClassVar[str] = ""
+    requirements: ClassVar[Requirements] = Requirements()
+    search_space: ClassVar[Mapping[str, Sequence[Any]]] = MappingProxyType({})
+    fit_hyperparameters: ClassVar[frozenset[str]] = frozenset()
+    paper: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_fitted = False
+
+    # -- hyperparameters ----------------------------------------------------
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        """The keyword arguments of ``__init__``: the detector's hyperparameters."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return tuple(
+            p.name for p in parameters
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Current hyperparameter values, by name."""
+        return {name: getattr(self, name) for name in self.hyperparameter_names()}
+
+    def set_hyperparameters(self, **values: Any) -> Detector:
+        """Change hyperparameters in place; changing a fit hyperparameter unfits the detector.
+
+        Raises:
+            TypeError: a name that is not a hyperparameter of this detector.
+        """
+        known = self.hyperparameter_names()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TypeError(
+                f"detector {self.name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+                f"its hyperparameters are: {', '.join(known) or '(none)'}"
+            )
+        for key, value in values.items():
+            setattr(self, key, value)
+        if self.is_fitted and set(values) & self.fit_hyperparameters:
+            self.is_fitted = False
+        self.check_hyperparameters()
+        return self
+
+    def check_hyperparameters(self) -> None:
+        """Raise ``ValueError`` for invalid hyperparameter values (override to check)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+
+    # -- the model ----------------------------------------------------------
+    def check_model(self, tap: Tap) -> None:
+        """Raise :class:`~timm_ood.errors.IncompatibleModelError` if the model cannot serve this detector."""
+        who = f"detector {self.name!r}"
+        tap.check_available(self.requirements.outputs | self.requirements.outputs_for_fit, who)
+        if self.requirements.linear_classifier:
+            tap.linear_classifier(who)
+
+    # -- fitting --------------------------------------------------------------
+    def reset_fit(self, tap: Tap) -> None:
+        """Start a fit: clear accumulated statistics. ``tap`` describes the model."""
+
+    def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
+        """Accumulate sufficient statistics from one batch of in-distribution data."""
+
+    def finish_fit(self) -> None:
+        """Turn the accumulated statistics into the fitted state (all-reduce them first)."""
+
+    # -- scoring ----------------------------------------------------------------
+    @abstractmethod
+    def score(self, outputs: Outputs) -> torch.Tensor:
+        """OOD scores [B] for one batch, higher = more out-of-distribution."""
+
+    def forward(self, outputs: Outputs) -> torch.Tensor:
+        """:meth:`score` with the contract checked: fitted, shape [B], no NaN."""
+        self.check_fitted()
+        scores = self.score(outputs)
+        batch = outputs.batch_size
+        if scores.shape != (batch,):
+            raise RuntimeError(
+                f"detector {self.name!r} returned scores of shape {tuple(scores.shape)} for a batch of "
+                f"{batch}; score() must return one score per input, shape [{batch}]"
+            )
+        nan = torch.isnan(scores)
+        if bool(nan.any()):
+            raise ValueError(
+                f"detector {self.name!r} produced NaN scores for {int(nan.sum())} of {batch} inputs. "
+                "Check the inputs for NaN/inf values and the model's weights for divergence."
+            )
+        return scores
+
+    def check_fitted(self) -> None:
+        """Raise :class:`~timm_ood.errors.NotFittedError` if the detector needs a fit it has not had."""
+        if self.requirements.fit and not self.is_fitted:
+            raise NotFittedError(
+                f"detector {self.name!r} is not fitted: call model.fit(id_train_loader) on "
+                "in-distribution training data (or load a fitted state with load_detector) "
+                "before scoring"
+            )
+
+    # -- state --------------------------------------------------------------------
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """The fitted state: every buffer that is set, by its dotted name."""
+        return {name: buffer for name, buffer in self.named_buffers() if buffer is not None}
+
+    def load_fitted_state(
+        self, state: Mapping[str, torch.Tensor], device: torch.device | str | None = None
+    ) -> None:
+        """Install a fitted state saved by :meth:`fitted_state` (shapes may differ from now).
+
+        Args:
+            state: tensors by buffer name.
+            device: where to put them (default: where they are).
+
+        Raises:
+            KeyError: a name that is not a buffer this detector declares.
+        """
+        declared = {name for name, _ in self._declared_buffers()}
+        unknown = sorted(set(state) - declared)
+        if unknown:
+            raise KeyError(
+                f"detector {self.name!r} has no state named {', '.join(unknown)}; the file was "
+                f"saved by another detector or version (expected names: {', '.join(sorted(declared))})"
+            )
+        for name, tensor in state.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            owner._buffers[leaf] = tensor if device is None else tensor.to(device)
+        self.is_fitted = True
+
+    def _declared_buffers(self):
+        for module_name, module in self.named_modules():
+            for leaf in module._buffers:
+                yield (f"{module_name}.{leaf}" if module_name else leaf), module
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata saved next to the state: name, hyperparameters, fitted flag."""
+        return {
+            "timm_ood.detector": self.name,
+            "timm_ood.hyperparameters": json.dumps(self.hyperparameters(), default=list),
+            "timm_ood.fitted": "1" if self.is_fitted else "0",
+        }

@@ -1,0 +1,234 @@
+"""``OODModel``: a timm model with an OOD detector attached, in one line.
+
+::
+
+    model = timm_ood.wrap(timm.create_model("resnet18", num_classes=10), "odin")
+    model.fit(id_train_loader)          # only detectors that need it read the data
+    scores = model.ood_score(images)    # Tensor[B], higher = more out-of-distribution
+    logits = model(images)              # the timm model's own forward, unchanged
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._runtime import eval_mode, model_device
+from .batches import check_images, iter_batches
+from .detectors import create_detector
+from .detectors.base import Detector
+from .errors import NotFittedError
+from .fitting import fit_detectors
+from .serialization import load_detector, save_detector
+from .tap import Tap
+
+__all__ = ["OODModel", "create_model", "wrap"]
+
+
+class OODModel(nn.Module):
+    """A timm model plus one detector; behaves like the timm model everywhere else.
+
+    ``forward`` is the timm model's forward. Attribute access falls through to
+    the timm model (``pretrained_cfg``, ``num_classes``, ``forward_features``,
+    ...). ``.to()``, ``.eval()``, ``.half()`` move the model and the detector's
+    fitted state together.
+
+    Scoring, fitting and calibration run the model in eval mode (restoring its
+    mode afterwards), so scores never depend on the rest of the batch.
+    Scores are in the model's dtype, at least float32.
+
+    Args:
+        model: a timm model (or any ``nn.Module`` returning logits, for logit
+            detectors).
+        detector: the detector instance.
+    """
+
+    def __init__(self, model: nn.Module, detector: Detector) -> None:
+        super().__init__()
+        if isinstance(model, OODModel):
+            raise ValueError(
+                "the model is already wrapped; wrap its timm model instead: wrap(ood_model.model, ...)"
+            )
+        self.model = model
+        self.detector = detector
+        self.tap = Tap(model)
+        detector.check_model(self.tap)
+        self.register_buffer("threshold", None)
+        self._sync_detector_placement()
+
+    # -- behaving like the timm model ------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, unchanged (logits for a timm classifier)."""
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "model" not in modules:
+                raise
+            return getattr(modules["model"], name)
+
+    def _sync_detector_placement(self) -> None:
+        self.detector.to(device=model_device(self.model))
+
+    # -- scoring ---------------------------------------------------------------
+    def ood_score(self, x: torch.Tensor) -> torch.Tensor:
+        """OOD scores [B] for a batch of images, higher = more out-of-distribution.
+
+        Args:
+            x: float images [B, C, H, W], normalised as the model expects
+                (``timm_ood.data.make_loader`` does this).
+
+        Raises:
+            NotFittedError: the detector needs ``fit`` first.
+            ValueError / TypeError: the images do not fit the model (channels,
+                shape, dtype); a NaN score.
+        """
+        check_images(x, self.tap)
+        detector = self.detector
+        detector.check_fitted()
+        x = x.to(device=model_device(self.model))
+        grad_mode = torch.no_grad() if detector.requirements.input_gradients else torch.inference_mode()
+        with eval_mode(self.model, detector), grad_mode:
+            outputs = self.tap(x, detector.requirements.outputs)
+            return detector(outputs)
+
+    def fit(self, data: Iterable, *, progress: bool | None = None) -> OODModel:
+        """Fit the detector on in-distribution training data; a no-op for detectors without fit.
+
+        Args:
+            data: a DataLoader or any iterable of ``(images, labels)`` batches
+                (or mappings with ``image``/``label``).
+            progress: show a progress bar (default: on a terminal).
+
+        Returns:
+            self, for chaining.
+        """
+        fit_detectors(self.tap, [self.detector], data, progress=progress)
+        return self
+
+    def iter_scores(self, data: Iterable, *, progress: bool | None = None, desc: str = "score"):
+        """Yield ``(scores, labels)`` batch by batch over a DataLoader."""
+        total = len(data) if hasattr(data, "__len__") else None
+        for images, labels in tqdm(iter_batches(data), total=total, desc=desc, leave=False,
+                                   disable=None if progress is None else not progress):
+            yield self.ood_score(images), labels
+
+    def calibrate(self, id_data: Iterable, tpr: float = 0.95, *, progress: bool | None = None) -> float:
+        """Store the threshold that accepts a fraction ``tpr`` of in-distribution inputs.
+
+        The threshold is the smallest score ``t`` with ``P_ID(score <= t) >=
+        tpr``, the same ``t*`` at which FPR@95TPR is read
+        (``methods/metrics.md``). :meth:`predict` flags ``score > t`` as OOD.
+
+        Args:
+            id_data: in-distribution batches not used for fitting (validation data).
+            tpr: fraction of in-distribution inputs to accept, in (0, 1].
+
+        Returns:
+            The threshold, also stored in ``self.threshold`` (saved with
+            :meth:`save_detector`).
+        """
+        if not 0 < tpr <= 1:
+            raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        batches = [s.detach().to("cpu", torch.float64)
+                   for s, _ in self.iter_scores(id_data, progress=progress, desc="calibrate")]
+        if not batches:
+            raise ValueError("calibrate received no in-distribution images")
+        scores = torch.cat(batches)
+        ordered = scores.sort().values
+        accepted = torch.arange(1, ordered.numel() + 1, dtype=torch.float64) / ordered.numel()
+        index = int((accepted < tpr).sum())
+        self.threshold = ordered[index].to(model_device(self.model))
+        return float(self.threshold)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean [B], True where the input is flagged out-of-distribution (``score > threshold``).
+
+        Raises:
+            NotFittedError: :meth:`calibrate` has not set a threshold.
+        """
+        if self.threshold is None:
+            raise NotFittedError(
+                "no threshold: call model.calibrate(id_validation_loader, tpr=0.95) first, or set "
+                "model.threshold = torch.tensor(t)"
+            )
+        scores = self.ood_score(x)
+        return scores > self.threshold.to(scores)
+
+    # -- state -----------------------------------------------------------------
+    def save_detector(self, path: str | os.PathLike) -> None:
+        """Save the detector's name, hyperparameters, fitted state and threshold (safetensors)."""
+        extra = {} if self.threshold is None else {"threshold": self.threshold}
+        architecture = str((getattr(self.model, "pretrained_cfg", None) or {}).get("architecture", ""))
+        save_detector(self.detector, path, extra_tensors=extra,
+                      extra_metadata={"timm_ood.architecture": architecture})
+
+    def load_detector(self, path: str | os.PathLike) -> OODModel:
+        """Load a detector saved by :meth:`save_detector`; replaces the current one.
+
+        Nothing in the file is executed: the detector is created by its
+        registered name and its tensors are installed.
+        """
+        detector, extras, _ = load_detector(path, device=model_device(self.model))
+        detector.check_model(self.tap)
+        self.detector = detector
+        self.threshold = extras["threshold"].to(model_device(self.model)) if "threshold" in extras else None
+        return self
+
+    def extra_repr(self) -> str:
+        threshold = "" if self.threshold is None else f", threshold={float(self.threshold):.6g}"
+        return f"detector={self.detector.name!r}{threshold}"
+
+
+def _as_detector(detector: str | Detector | type[Detector], kwargs: dict[str, Any]) -> Detector:
+    if isinstance(detector, Detector):
+        if kwargs:
+            raise TypeError("pass hyperparameters either to the detector instance or to wrap(), not both")
+        return detector
+    if isinstance(detector, type) and issubclass(detector, Detector):
+        return detector(**kwargs)
+    if isinstance(detector, str):
+        return create_detector(detector, **kwargs)
+    raise TypeError(f"detector must be a registered name, a Detector or a Detector class; got {detector!r}")
+
+
+def wrap(model: nn.Module, detector: str | Detector | type[Detector] = "msp", **detector_kwargs: Any) -> OODModel:
+    """Attach an OOD detector to a timm model.
+
+    Args:
+        model: a timm model (``timm.create_model(...)``).
+        detector: a registered detector name (see ``list_detectors()``), a
+            :class:`~timm_ood.Detector` instance, or a Detector class.
+        **detector_kwargs: the detector's hyperparameters (e.g.
+            ``temperature=1000, epsilon=0.0014`` for ``"odin"``).
+
+    Returns:
+        An :class:`OODModel`: the model's forward unchanged, plus
+        ``ood_score``, ``fit``, ``calibrate``, ``predict``.
+
+    Raises:
+        UnknownNameError: unknown detector name (lists the known ones).
+        IncompatibleModelError: the model cannot give what the detector needs.
+    """
+    return OODModel(model, _as_detector(detector, detector_kwargs))
+
+
+def create_model(
+    model_name: str,
+    detector: str | Detector | type[Detector] = "msp",
+    detector_kwargs: dict[str, Any] | None = None,
+    **timm_kwargs: Any,
+) -> OODModel:
+    """``timm.create_model(model_name, **timm_kwargs)`` wrapped with a detector, in one call."""
+    import timm
+
+    return wrap(timm.create_model(model_name, **timm_kwargs), detector, **(detector_kwargs or {}))
+

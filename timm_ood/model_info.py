@@ -1,0 +1,103 @@
+"""What a timm model says about its own inputs.
+
+The one place that reads a model's input contract (channels, size, normalisation)
+from timm's own metadata: ``pretrained_cfg['first_conv']`` for the stem and
+``timm.data.resolve_data_config`` for size and normalisation. The data
+transforms and the detectors that perturb inputs (ODIN, Mahalanobis input
+preprocessing) both read it here, so a perturbation's 1/std scale is always the
+normalisation the images really went through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import IncompatibleModelError
+
+__all__ = ["data_config", "input_channels", "normalization"]
+
+
+def _first_conv(model: nn.Module) -> nn.Module | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("first_conv")
+    if isinstance(name, (list, tuple)):  # some models list several stems
+        name = name[0] if name else None
+    if name:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is not None and hasattr(module, "in_channels"):
+            return module
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d))), None)
+
+
+def input_channels(model: nn.Module) -> int:
+    """Number of input channels the model takes (``in_chans`` at creation).
+
+    Read from the stem named by ``pretrained_cfg['first_conv']``, or the first
+    convolution when the model does not name it.
+
+    Raises:
+        IncompatibleModelError: the model has no convolutional stem to read.
+    """
+    conv = _first_conv(model)
+    if conv is None:
+        raise IncompatibleModelError(
+            f"cannot tell how many input channels {type(model).__name__} takes: it has no "
+            "convolution and its pretrained_cfg names no 'first_conv'. Set "
+            "model.pretrained_cfg['first_conv'] to the name of its stem layer."
+        )
+    return int(conv.in_channels)
+
+
+def _per_channel(values: tuple[float, ...], channels: int, what: str, model: nn.Module) -> tuple:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:  # a grey model with an RGB config: the average channel
+        return (sum(values) / len(values),)
+    if channels % len(values) == 0:
+        return values * (channels // len(values))
+    raise IncompatibleModelError(
+        f"{type(model).__name__} takes {channels} input channels but its pretrained_cfg "
+        f"{what} has {len(values)} values {values}; set pretrained_cfg['{what}'] to "
+        f"{channels} values."
+    )
+
+
+def data_config(model: nn.Module, **overrides: Any) -> dict[str, Any]:
+    """``timm.data.resolve_data_config`` for this model, with its real channel count.
+
+    timm resolves ``input_size``, ``mean`` and ``std`` from ``pretrained_cfg``
+    but assumes 3 channels; a model created with ``in_chans=1`` gets a config
+    whose ``input_size`` and normalisation match its stem here.
+
+    Args:
+        model: a timm model (anything with ``pretrained_cfg``).
+        **overrides: timm data-config arguments (``input_size``, ``mean``,
+            ``std``, ``interpolation``, ``crop_pct``, ...), as for
+            ``resolve_data_config(args=...)``.
+    """
+    from timm.data import resolve_data_config
+
+    config = dict(resolve_data_config(args=dict(overrides), model=model))
+    channels = int(overrides.get("input_size", (input_channels(model),))[0])
+    config["input_size"] = (channels, *tuple(config["input_size"])[1:])
+    config["mean"] = _per_channel(config["mean"], channels, "mean", model)
+    config["std"] = _per_channel(config["std"], channels, "std", model)
+    return config
+
+
+def normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, std)`` the model's inputs are normalised with, as float32 [C]."""
+    config = data_config(model)
+    return (
+        torch.tensor(config["mean"], dtype=torch.float32),
+        torch.tensor(config["std"], dtype=torch.float32),
+    )
