@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import metrics
 from .detectors import create_detector, get_detector_class, list_detectors
 from .detectors.base import Detector, Requirements
+from .evaluation import evaluate, tune
 from .errors import (
     DuplicateNameError,
     IncompatibleModelError,
@@ -50,11 +51,13 @@ __all__ = [
     "__version__",
     "create_detector",
     "create_model",
+    "evaluate",
     "get_detector_class",
     "hookimpl",
     "list_detectors",
     "metrics",
     "register_plugin",
     "reload_plugins",
+    "tune",
     "wrap",
 ]

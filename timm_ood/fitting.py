@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -12,12 +14,20 @@ from .batches import check_images, iter_batches
 from .detectors.base import Detector
 from .tap import Tap
 
-__all__ = ["fit_detectors"]
+__all__ = ["FitTimes", "fit_detectors"]
+
+
+@dataclass
+class FitTimes:
+    """Where a fit pass spent its time: the shared forward, and each detector (by position)."""
+
+    forward_seconds: float = 0.0
+    detector_seconds: list[float] = field(default_factory=list)
 
 
 def fit_detectors(
     tap: Tap, detectors: Sequence[Detector], data: Iterable, *, progress: bool | None = None
-) -> None:
+) -> FitTimes:
     """Fit several detectors together: one tap forward per batch serves all of them.
 
     Detectors that need no fit are skipped (and ``data`` is not read at all when
@@ -31,18 +41,22 @@ def fit_detectors(
             in-distribution training data.
         progress: show a tqdm bar (default: when attached to a terminal).
 
+    Returns:
+        Seconds spent in the shared forward and in each detector of ``detectors``.
+
     Raises:
         ValueError: ``data`` yielded no batches, or labels are missing for a
             detector that fits on labels.
     """
-    to_fit = [d for d in detectors if d.requirements.fit]
+    times = FitTimes(detector_seconds=[0.0] * len(detectors))
+    to_fit = [(i, d) for i, d in enumerate(detectors) if d.requirements.fit]
     if not to_fit:
-        return
-    needs = frozenset().union(*(d.requirements.outputs_for_fit for d in to_fit))
+        return times
+    needs = frozenset().union(*(d.requirements.outputs_for_fit for _, d in to_fit))
     device, dtype = model_device(tap.model), model_dtype(tap.model)
-    for detector in to_fit:
+    for _, detector in to_fit:
         detector.reset_fit(tap)
-    names = ", ".join(d.name for d in to_fit)
+    names = ", ".join(d.name for _, d in to_fit)
     batches = 0
     with eval_mode(tap.model), torch.no_grad():
         total = len(data) if hasattr(data, "__len__") else None
@@ -51,17 +65,24 @@ def fit_detectors(
             images = check_images(images, tap).to(device=device, dtype=dtype)
             if labels is not None:
                 labels = labels.to(device)
+            start = time.perf_counter()
             outputs = tap(images, needs)
-            for detector in to_fit:
+            times.forward_seconds += time.perf_counter() - start
+            for index, detector in to_fit:
                 if detector.requirements.fit_labels and labels is None:
                     raise ValueError(
                         f"detector {detector.name!r} fits on class labels, but the batches carry "
                         "none: pass (images, labels) batches of in-distribution training data"
                     )
+                start = time.perf_counter()
                 detector.update_fit(outputs, labels)
+                times.detector_seconds[index] += time.perf_counter() - start
             batches += 1
     if batches == 0:
         raise ValueError(f"fit received no batches: the in-distribution data for {names} is empty")
-    for detector in to_fit:
+    for index, detector in to_fit:
+        start = time.perf_counter()
         detector.finish_fit()
         detector.is_fitted = True
+        times.detector_seconds[index] += time.perf_counter() - start
+    return times

@@ -1,0 +1,107 @@
+"""Speed of evaluation and tuning, as ratios measured in one run (BENCHMARK.md, "Speed").
+
+1. ``evaluate`` with every non-gradient detector, divided by one plain forward
+   pass of the model over the same images (the fit data and every evaluation
+   set, loaded through the same loaders): the physical floor is 1.0, the goal
+   at most 1.3.
+2. ODIN's (T, epsilon) grid search (one forward with autograd, one backward
+   per T, one forward per (T, epsilon > 0)) divided by the naive loop of one
+   full ODIN pass per grid point, on the same images: goal at most 0.3. The
+   scores of the two are checked to be identical.
+
+Usage::
+
+    python benchmarks/bench_evaluate.py                    # the reference ResNet-18 (trained and cached on first use)
+    python benchmarks/bench_evaluate.py --fast             # the small stand-in model, small sets
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from timm_ood import data
+from timm_ood.evaluation import evaluate, naive_odin_grid_scores, odin_grid_scores
+from timm_ood.evaluation.results import markdown_table
+from timm_ood.reference import FAST_RECIPE, RECIPE, reference_model
+from timm_ood.tap import Tap
+
+NON_GRADIENT = ["msp", "temperature", "maxlogit", "energy", "entropy", "mahalanobis"]
+TEMPERATURES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+EPSILONS = tuple(round(0.0002 * i, 4) for i in range(21))
+
+
+def plain_forward_seconds(model, loaders) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for loader in loaders:
+            for images, _ in loader:
+                model(images)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true", help="the small stand-in model and small sets")
+    parser.add_argument("--max-images", type=int, default=None, help="images per evaluation set")
+    parser.add_argument("--grid-images", type=int, default=128, help="images in the ODIN grid comparison")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    recipe = FAST_RECIPE if args.fast else RECIPE
+    model = reference_model(recipe).eval()
+    bench = data.load_benchmark("fashion-mnist")
+    max_images = args.max_images or (500 if args.fast else None)
+
+    def limited(dataset):
+        return dataset if max_images is None or len(dataset) <= max_images else dataset.select(range(max_images))
+
+    sets = {"id_train": bench.id_train if max_images is None else bench.id_train.select(range(4 * max_images)),
+            "id_test": limited(bench.id_test), **{n: limited(d) for n, d in bench.ood.items()}}
+    loaders = [data.make_loader(d, model, batch_size=args.batch_size) for d in sets.values()]
+    images = sum(len(d) for d in sets.values())
+
+    # warm both paths once (allocator, caches), then measure
+    plain_forward_seconds(model, loaders[1:2])
+    forward = plain_forward_seconds(model, loaders)
+    start = time.perf_counter()
+    results = evaluate(model, NON_GRADIENT, bench, batch_size=args.batch_size, max_images=max_images,
+                       max_fit_images=None if max_images is None else 4 * max_images, progress=False)
+    evaluation = time.perf_counter() - start
+
+    grid_loader = data.make_loader(bench.tuning.id.select(range(args.grid_images)), model,
+                                   batch_size=args.grid_images)
+    x = next(iter(grid_loader))[0]
+    tap = Tap(model)
+    start = time.perf_counter()
+    clever = odin_grid_scores(tap, x, TEMPERATURES, EPSILONS)
+    clever_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        naive = naive_odin_grid_scores(tap, x, TEMPERATURES, EPSILONS)
+    naive_seconds = time.perf_counter() - start
+
+    print(f"# Evaluation and tuning speed ({recipe.architecture} on fashion-mnist)\n")
+    print("Command: `python benchmarks/bench_evaluate.py" + (" --fast" if args.fast else "") + "`\n")
+    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, Python {sys.version.split()[0]}\n")
+    rows = [
+        ["evaluate: " + ", ".join(NON_GRADIENT) + f" ({images} images)", f"{evaluation:.2f}",
+         f"plain forward over the same images: {forward:.2f} s", f"{evaluation / forward:.3f}", "<= 1.3"],
+        [f"ODIN grid, {len(TEMPERATURES)} T x {len(EPSILONS)} eps, {len(x)} images", f"{clever_seconds:.2f}",
+         f"naive loop, one ODIN pass per point: {naive_seconds:.2f} s", f"{clever_seconds / naive_seconds:.3f}",
+         "<= 0.3"],
+    ]
+    print(markdown_table(["what", "seconds", "against", "ratio", "goal"], rows))
+    print(f"\nODIN grid scores identical to the naive loop: {torch.equal(clever, naive)}")
+    print(f"\nID accuracy of the model: {100 * results.accuracy:.2f}%; inside evaluate: fit forward "
+          f"{results.settings['fit_forward_seconds']:.2f} s, scoring forward {results.forward_seconds:.2f} s, "
+          "detectors " + ", ".join(f"{d} {s:.2f} s" for d, s in results.seconds.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""evaluate / evaluate_loaders: one pass for all detectors gives the numbers each gives alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
+
+import timm_ood
+from timm_ood.evaluation import EvaluationResults, evaluate_loaders
+
+from ._models import batches, digits_split, noise_images, trained
+
+DETECTORS = ["msp", "energy", ("odin", {"temperature": 100.0, "epsilon": 0.002}), "mahalanobis"]
+
+
+@pytest.fixture(scope="module")
+def sets():
+    test_images, test_labels = digits_split()["test"]
+    flipped = test_images.flip(2, 3)[:200]
+    return {
+        "id": batches(test_images, test_labels, 64),
+        "ood": {"flipped": batches(flipped, torch.full((200,), -1), 64),
+                "noise": batches(noise_images(150), torch.full((150,), -1), 64)},
+        "fit": batches(*digits_split()["train"], 128),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(sets) -> EvaluationResults:
+    return evaluate_loaders(trained("test_resnet"), DETECTORS, id_data=sets["id"], ood_data=sets["ood"],
+                            fit_data=sets["fit"], progress=False)
+
+
+def alone(detector, sets) -> timm_ood.OODModel:
+    name, kwargs = detector if isinstance(detector, tuple) else (detector, {})
+    return timm_ood.wrap(trained("test_resnet"), name, **kwargs).fit(sets["fit"], progress=False)
+
+
+@pytest.mark.parametrize("detector", DETECTORS, ids=lambda d: d if isinstance(d, str) else d[0])
+def test_one_pass_equals_each_detector_alone_and_metrics_by_hand(results, sets, detector) -> None:
+    model = alone(detector, sets)
+    name = detector if isinstance(detector, str) else detector[0]
+    id_scores = torch.cat([model.ood_score(x) for x, _ in sets["id"]]).double()
+    torch.testing.assert_close(results.scored.scores[name]["id"], id_scores, rtol=1e-5, atol=1e-6)
+    for set_name, data in sets["ood"].items():
+        ood_scores = torch.cat([model.ood_score(x) for x, _ in data]).double()
+        scores = torch.cat([id_scores, ood_scores]).numpy()
+        is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+        fpr, tpr, _ = roc_curve(1 - is_ood, -scores, drop_intermediate=False)  # ID positive
+        expected_fpr95 = fpr[np.searchsorted(tpr, 0.95)]
+        precision_in, recall_in, _ = precision_recall_curve(1 - is_ood, -scores)
+        precision_out, recall_out, _ = precision_recall_curve(is_ood, scores)
+        got = results.metrics[name][set_name]
+        assert got["auroc"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-4)
+        assert got["fpr_at_tpr"] == pytest.approx(expected_fpr95, abs=1e-4)
+        assert got["detection_error"] == pytest.approx(0.5 * (1 - tpr[np.searchsorted(tpr, 0.95)]) + 0.5 * expected_fpr95, abs=1e-4)
+        assert got["aupr_in"] == pytest.approx(auc(recall_in, precision_in), abs=1e-4)
+        assert got["aupr_out"] == pytest.approx(auc(recall_out, precision_out), abs=1e-4)
+    average = results.metrics[name]["average"]["auroc"]
+    assert average == pytest.approx(np.mean([results.metrics[name][s]["auroc"] for s in sets["ood"]]))
+
+
+def test_accuracy_and_timings(results, sets) -> None:
+    model = trained("test_resnet")
+    images, labels = digits_split()["test"]
+    with torch.no_grad():
+        expected = (model(images).argmax(1) == labels).double().mean().item()
+    assert results.accuracy == pytest.approx(expected)
+    assert set(results.seconds) == set(results.detectors)
+    assert results.fit_seconds["mahalanobis"] > 0 and results.fit_seconds["msp"] == 0
+    assert results.score_seconds["odin"] > results.score_seconds["msp"]  # ODIN runs its own passes
+    assert results.settings["sizes"] == {"id": 397, "flipped": 200, "noise": 150}
+
+
+def test_table_and_reports(results, tmp_path) -> None:
+    table = results.table()
+    assert "FPR@95TPR ↓" in table and "AUPR-Out ↑" in table and "**average**" in table
+    assert table.count("\n| msp |") == 3
+    paths = results.save(tmp_path, command="pytest")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["metrics"]["energy"]["noise"]["auroc"] == pytest.approx(results.metrics["energy"]["noise"]["auroc"])
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 4 * 3 and {"detector", "ood_set", "auroc", "fpr_at_tpr"} <= set(rows[0])
+    for detector in results.detectors:
+        for kind in ("roc", "histogram"):
+            png = paths[f"{kind}:{detector}"]
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "```\npytest\n```" in paths["markdown"].read_text()
+    reloaded = EvaluationResults.load(paths["json"])
+    assert reloaded.table() == results.table()
+
+
+def test_repeated_detector_names_get_distinct_labels(sets) -> None:
+    results = evaluate_loaders(
+        trained("test_resnet"), [("temperature", {"temperature": 1.0}), ("temperature", {"temperature": 1000.0})],
+        id_data=sets["id"], ood_data={"noise": sets["ood"]["noise"]}, progress=False,
+    )
+    assert results.detectors == ["temperature(temperature=1.0)", "temperature(temperature=1000.0)"]
+
+
+def test_fitted_detectors_need_fit_data(sets) -> None:
+    with pytest.raises(ValueError, match="fit_data"):
+        evaluate_loaders(trained("test_resnet"), ["mahalanobis"], id_data=sets["id"], ood_data=sets["ood"])
+
+
+def test_an_empty_set_is_an_error_not_a_metric(sets) -> None:
+    with pytest.raises(ValueError, match="'empty' yielded no images"):
+        evaluate_loaders(trained("test_resnet"), ["msp"], id_data=sets["id"], ood_data={"empty": []})

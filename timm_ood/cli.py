@@ -1,0 +1,212 @@
+"""The ``timm-ood`` command line: list, train, eval, tune, demo.
+
+::
+
+    timm-ood list
+    timm-ood train --model resnet18 --data fashion-mnist --epochs 5 --out ckpt.safetensors
+    timm-ood eval  --model resnet18 --checkpoint ckpt.safetensors --detectors msp,odin,energy --benchmark fashion-mnist --out report/
+    timm-ood tune  --model resnet18 --checkpoint ckpt.safetensors --detector odin --benchmark fashion-mnist
+    timm-ood demo  # the offline default, end to end
+
+Errors print one line and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return "timm-ood " + " ".join(shlex.quote(a) for a in argv)
+
+
+# -- list -------------------------------------------------------------------
+def _list(args: argparse.Namespace) -> None:
+    import timm_ood
+    from timm_ood import data
+    from timm_ood.evaluation.results import markdown_table
+
+    if args.what in ("detectors", "all"):
+        registrations = timm_ood.detectors.detector_registrations()
+        rows = [[name, r.distribution, r.obj.paper] for name, r in registrations.items()]
+        print("Detectors:\n\n" + markdown_table(["name", "from", "paper"], rows) + "\n")
+    if args.what in ("sources", "all"):
+        rows = [[name, "offline" if s.offline else "hub", s.description] for name, s in data.list_sources().items()]
+        print("Sources:\n\n" + markdown_table(["name", "where", "what"], rows) + "\n")
+    if args.what in ("benchmarks", "all"):
+        rows = [[name, "offline" if b.offline else "hub", ", ".join(b.ood), b.description]
+                for name, b in data.list_benchmarks().items()]
+        print("Benchmarks:\n\n" + markdown_table(["name", "where", "OOD sets", "what"], rows))
+
+
+# -- train ------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> None:
+    from timm_ood.reference import Recipe, train_on_source
+    from timm_ood.training import save_checkpoint
+
+    recipe = Recipe(architecture=args.model, source=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                    optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
+                    seed=args.seed, train_images=args.max_images, min_accuracy=0.0)
+    model, accuracy = train_on_source(recipe, progress=not args.quiet)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, args.out, metadata={"arguments": vars(args), "test_accuracy": accuracy})
+    print(f"{args.model} on {args.data}: test accuracy {100 * accuracy:.2f}%; saved {args.out}")
+
+
+def _load_model(args: argparse.Namespace):
+    from timm_ood.training import load_checkpoint
+
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} not found; make one with `timm-ood train ... --out`")
+    return load_checkpoint(args.checkpoint, args.model)
+
+
+# -- eval -------------------------------------------------------------------
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from timm_ood.evaluation import evaluate
+
+    results = evaluate(_load_model(args), [d.strip() for d in args.detectors.split(",") if d.strip()],
+                       args.benchmark, batch_size=args.batch_size, tpr=args.tpr, positive=args.positive,
+                       max_images=args.max_images, max_fit_images=args.max_fit_images, progress=not args.quiet)
+    print(results.table())
+    if args.out:
+        results.save(args.out, plots=not args.no_plots, command=_command_line(argv))
+        print(f"\nreport written to {args.out}")
+
+
+# -- tune -------------------------------------------------------------------
+def _tune(args: argparse.Namespace) -> None:
+    from timm_ood.evaluation import tune
+
+    result = tune(_load_model(args), args.detector, args.benchmark, protocol=args.protocol,
+                  batch_size=args.batch_size, max_images=args.max_images, progress=not args.quiet)
+    print(result.table())
+    print(f"\nbest on average over the sets: {result.best_average} ({result.seconds:.1f} s)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"detector": result.detector, "best": result.best,
+                                              "best_average": result.best_average, "cross": result.cross,
+                                              "criterion": result.criterion}, indent=2) + "\n")
+
+
+# -- demo -------------------------------------------------------------------
+def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from timm_ood.evaluation import DEFAULT_DETECTORS, evaluate
+    from timm_ood.reference import FAST_RECIPE, RECIPE, reference_model
+
+    recipe = FAST_RECIPE if args.fast else RECIPE
+    print(f"reference model: {recipe.architecture} on {recipe.source} "
+          f"({'fast stand-in' if args.fast else 'cached after the first run'})", flush=True)
+    model = reference_model(recipe, retrain=args.retrain, progress=not args.quiet)
+    max_images = 500 if args.fast else None
+    results = evaluate(model, DEFAULT_DETECTORS, "fashion-mnist", batch_size=args.batch_size,
+                       max_images=max_images, max_fit_images=2000 if args.fast else None, progress=not args.quiet)
+    print(results.table())
+    results.save(args.out, command=_command_line(argv))
+    print(f"\nreport with plots written to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``timm-ood`` (one sub-command per job)."""
+    parser = argparse.ArgumentParser(prog="timm-ood", description="Out-of-distribution detection for timm models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    listing = commands.add_parser("list", help="registered detectors, data sources and benchmarks")
+    listing.add_argument("what", nargs="?", default="all", choices=("all", "detectors", "sources", "benchmarks"))
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default 256)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train", help="train a timm model on an in-distribution source")
+    train.add_argument("--model", required=True, help="timm architecture, e.g. resnet18")
+    train.add_argument("--data", default="fashion-mnist", help="in-distribution source (default fashion-mnist)")
+    train.add_argument("--epochs", type=_positive_int, default=2)
+    train.add_argument("--optimizer", choices=("sgd", "adamw", "adam"), default="sgd")
+    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule)")
+    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="random 2-pixel shifts and flips")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-images", type=_positive_int, default=None, help="train on the first N images")
+    train.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    common(train)
+    train.set_defaults(batch_size=128)
+
+    def model_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's)")
+        sub.add_argument("--checkpoint", required=True, help="a checkpoint written by `timm-ood train`")
+        sub.add_argument("--benchmark", default="fashion-mnist", help="benchmark name (default fashion-mnist)")
+        sub.add_argument("--max-images", type=_positive_int, default=None, help="at most N images per set")
+
+    evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
+    model_args(evaluation)
+    evaluation.add_argument("--detectors", default="msp,odin,energy,mahalanobis", help="comma-separated names")
+    evaluation.add_argument("--tpr", type=float, default=0.95)
+    evaluation.add_argument("--positive", choices=("id", "ood"), default="id", help="metric reading")
+    evaluation.add_argument("--max-fit-images", type=_positive_int, default=None)
+    evaluation.add_argument("--out", default=None, help="write markdown, JSON, CSV and plots here")
+    evaluation.add_argument("--no-plots", action="store_true")
+    common(evaluation)
+
+    tuning = commands.add_parser("tune", help="tune a detector on the benchmark's held-out images (ODIN's protocol)")
+    model_args(tuning)
+    tuning.add_argument("--detector", default="odin")
+    tuning.add_argument("--protocol", choices=("per-set", "cross-set"), default="per-set")
+    tuning.add_argument("--out", default=None, help="write the chosen hyperparameters as JSON")
+    common(tuning)
+
+    demo = commands.add_parser("demo", help="the offline default end to end: reference model, evaluation, report")
+    demo.add_argument("--out", default="report", help="report folder (default report/)")
+    demo.add_argument("--fast", action="store_true", help="a tiny stand-in model and small sets (seconds)")
+    demo.add_argument("--retrain", action="store_true", help="ignore the cached reference model")
+    common(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``timm-ood``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            _list(args)
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "eval":
+            _eval(args, argv)
+        elif args.command == "tune":
+            _tune(args)
+        else:
+            _demo(args, argv)
+    except KeyboardInterrupt:
+        print("timm-ood: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"timm-ood: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

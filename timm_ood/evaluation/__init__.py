@@ -1,0 +1,24 @@
+"""Evaluation and tuning: many detectors, many OOD sets, one forward per batch."""
+
+from __future__ import annotations
+
+from .evaluate import DEFAULT_DETECTORS, evaluate, evaluate_loaders, make_detectors
+from .results import EvaluationResults
+from .scoring import ScoredSets, detector_labels, score_sets
+from .tuning import TuningResult, grid_search, naive_odin_grid_scores, odin_grid_scores, tune
+
+__all__ = [
+    "DEFAULT_DETECTORS",
+    "EvaluationResults",
+    "ScoredSets",
+    "TuningResult",
+    "detector_labels",
+    "evaluate",
+    "evaluate_loaders",
+    "grid_search",
+    "make_detectors",
+    "naive_odin_grid_scores",
+    "odin_grid_scores",
+    "score_sets",
+    "tune",
+]

@@ -1,0 +1,232 @@
+"""Evaluation results: the seeds' tables, as text, markdown, JSON, CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plots import plot_roc_curves, plot_score_histograms
+from .scoring import ScoredSets
+
+__all__ = ["METRIC_TITLES", "TABLE_METRICS", "EvaluationResults", "markdown_table"]
+
+#: column titles, with the direction that is better
+METRIC_TITLES: dict[str, str] = {
+    "fpr_at_tpr": "FPR@{tpr}TPR ↓",
+    "tnr_at_tpr": "TNR@{tpr}TPR ↑",
+    "detection_error": "Det. error ↓",
+    "detection_accuracy": "Det. acc. ↑",
+    "auroc": "AUROC ↑",
+    "aupr_in": "AUPR-In ↑",
+    "aupr_out": "AUPR-Out ↑",
+}
+#: the columns of ODIN's Table 2
+TABLE_METRICS: tuple[str, ...] = ("fpr_at_tpr", "detection_error", "auroc", "aupr_in", "aupr_out")
+AVERAGE = "average"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _file_safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+@dataclass
+class EvaluationResults:
+    """Metrics of every detector on every OOD set, ID accuracy, and time spent.
+
+    Attributes:
+        benchmark: the benchmark's name.
+        model: the model's architecture.
+        detectors: detector labels, in order.
+        ood_sets: OOD set names, in order.
+        metrics: ``metrics[detector][ood_set or "average"][metric]``, fractions in [0, 1].
+        accuracy: top-1 accuracy on the in-distribution test set (None without logits).
+        fit_seconds / score_seconds: per detector.
+        forward_seconds: the shared forward passes while scoring.
+        settings: ``tpr``, ``positive``, set sizes, hyperparameters, ...
+        scored: the raw scores (for plots; not saved in JSON).
+    """
+
+    benchmark: str
+    model: str
+    detectors: list[str]
+    ood_sets: list[str]
+    metrics: dict[str, dict[str, dict[str, float]]]
+    accuracy: float | None
+    fit_seconds: dict[str, float]
+    score_seconds: dict[str, float]
+    forward_seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    scored: ScoredSets | None = field(default=None, repr=False)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent per detector: fitting plus scoring (its own passes included)."""
+        return {d: self.fit_seconds.get(d, 0.0) + self.score_seconds.get(d, 0.0) for d in self.detectors}
+
+    def _title(self, metric: str) -> str:
+        tpr = self.settings.get("tpr", 0.95)
+        return METRIC_TITLES[metric].format(tpr=f"{100 * tpr:g}")
+
+    def table(self, metrics: Sequence[str] = TABLE_METRICS, *, average: bool = True, digits: int = 1) -> str:
+        """Per detector x OOD set, metrics in percent, as a markdown table (the seeds' Table 2 layout)."""
+        unknown = [m for m in metrics if m not in METRIC_TITLES]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRIC_TITLES)}")
+        header = ["detector", "OOD set", *(self._title(m) for m in metrics)]
+        rows = []
+        sets = [*self.ood_sets, *([AVERAGE] if average and len(self.ood_sets) > 1 else [])]
+        for detector in self.detectors:
+            for ood_set in sets:
+                values = self.metrics[detector][ood_set]
+                name = f"**{ood_set}**" if ood_set == AVERAGE else ood_set
+                rows.append([detector, name, *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
+        accuracy = "" if self.accuracy is None else f"ID accuracy: {100 * self.accuracy:.2f}%\n\n"
+        return accuracy + markdown_table(header, rows)
+
+    def timing_table(self) -> str:
+        """Seconds per detector (fit + scoring) next to the shared forward passes."""
+        rows = [[d, f"{self.fit_seconds.get(d, 0.0):.2f}", f"{self.score_seconds.get(d, 0.0):.2f}",
+                 f"{self.seconds[d]:.2f}"] for d in self.detectors]
+        rows.append(["(shared forward passes)", "", f"{self.forward_seconds:.2f}", f"{self.forward_seconds:.2f}"])
+        return markdown_table(["detector", "fit s", "score s", "total s"], rows)
+
+    def summary(self, metric: str = "fpr_at_tpr") -> dict[str, float]:
+        """One number per detector: ``metric`` averaged over the OOD sets."""
+        key = AVERAGE if len(self.ood_sets) > 1 else self.ood_sets[0]
+        return {d: self.metrics[d][key][metric] for d in self.detectors}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the raw scores, JSON-ready."""
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "detectors": self.detectors,
+            "ood_sets": self.ood_sets,
+            "accuracy": self.accuracy,
+            "metrics": self.metrics,
+            "fit_seconds": self.fit_seconds,
+            "score_seconds": self.score_seconds,
+            "forward_seconds": self.forward_seconds,
+            "settings": self.settings,
+        }
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One flat row per detector x OOD set (and average): for CSV."""
+        rows = []
+        for detector in self.detectors:
+            for ood_set, values in self.metrics[detector].items():
+                rows.append({"detector": detector, "ood_set": ood_set, **values,
+                             "seconds": self.seconds[detector]})
+        return rows
+
+    def save(self, directory: str | os.PathLike, *, plots: bool = True, command: str | None = None) -> dict[str, Path]:
+        """Write ``results.md``, ``results.json``, ``results.csv`` and PNG plots into ``directory``.
+
+        Args:
+            directory: created if missing.
+            plots: also draw ROC curves and score histograms per detector.
+            command: the command line that produced the results, recorded in the markdown.
+
+        Returns:
+            The written paths by kind (``"markdown"``, ``"json"``, ``"csv"``,
+            ``"roc:<detector>"``, ``"histogram:<detector>"``).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {"markdown": out / "results.md", "json": out / "results.json",
+                                  "csv": out / "results.csv"}
+        paths["markdown"].write_text(self.markdown(command=command))
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        rows = self.to_rows()
+        with paths["csv"].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        if plots and self.scored is not None:
+            paths.update(self.save_plots(out / "plots"))
+        return paths
+
+    def save_plots(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """ROC curves and score histograms, one PNG of each per detector."""
+        if self.scored is None:
+            raise ValueError("these results carry no scores to plot (loaded from JSON?)")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        id_set = self.settings.get("id_set", "id")
+        for detector in self.detectors:
+            scores = self.scored.scores[detector]
+            ood = {name: scores[name] for name in self.ood_sets}
+            aurocs = {name: self.metrics[detector][name]["auroc"] for name in self.ood_sets}
+            stem = _file_safe(detector)
+            title = f"{detector} on {self.model}"
+            paths[f"roc:{detector}"] = out / f"{stem}_roc.png"
+            plot_roc_curves(scores[id_set], ood, title, paths[f"roc:{detector}"], aurocs)
+            paths[f"histogram:{detector}"] = out / f"{stem}_histogram.png"
+            plot_score_histograms(scores[id_set], ood, title, paths[f"histogram:{detector}"])
+        return paths
+
+    def markdown(self, command: str | None = None) -> str:
+        """A self-contained markdown report: settings, the table, timings and plot links."""
+        lines = [f"# {self.model} on {self.benchmark}", ""]
+        if command:
+            lines += ["Made by:", "", "```", command, "```", ""]
+        reading = "in-distribution positive (the seeds')" if self.settings.get("positive", "id") == "id" \
+            else "OOD positive (OpenOOD / pytorch-ood)"
+        lines += [f"Metric reading: {reading}; values in %.", ""]
+        sizes = self.settings.get("sizes")
+        if sizes:
+            lines += ["Images: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), ""]
+        lines += [self.table(), "", "## Time", "", self.timing_table(), ""]
+        if self.scored is not None:
+            lines += ["## Plots", ""]
+            for detector in self.detectors:
+                stem = _file_safe(detector)
+                lines += [f"- {detector}: [ROC](plots/{stem}_roc.png), [histograms](plots/{stem}_histogram.png)"]
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvaluationResults:
+        """Results from a ``results.json`` written by :meth:`save` (without raw scores)."""
+        data = json.loads(Path(path).read_text())
+        return cls(
+            benchmark=data["benchmark"], model=data["model"], detectors=data["detectors"],
+            ood_sets=data["ood_sets"], metrics=data["metrics"], accuracy=data["accuracy"],
+            fit_seconds=data["fit_seconds"], score_seconds=data["score_seconds"],
+            forward_seconds=data["forward_seconds"], settings=data["settings"],
+        )
+
+
+def metrics_per_set(
+    scores: dict[str, torch.Tensor], id_set: str, ood_sets: Sequence[str], *, tpr: float, positive: str,
+) -> dict[str, dict[str, float]]:
+    """All seven metrics of one detector for each OOD set against the ID set, and their average."""
+    from ..metrics import ood_metrics
+
+    per_set = {}
+    id_scores = scores[id_set]
+    for name in ood_sets:
+        ood_scores = scores[name]
+        is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
+        values = ood_metrics(torch.cat([id_scores, ood_scores]), is_ood, tpr=tpr, positive=positive)
+        per_set[name] = {k: float(v) for k, v in values.items()}
+    if len(ood_sets) > 1:
+        keys = per_set[ood_sets[0]].keys()
+        per_set[AVERAGE] = {k: sum(per_set[s][k] for s in ood_sets) / len(ood_sets) for k in keys}
+    return per_set

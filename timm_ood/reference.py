@@ -1,0 +1,120 @@
+"""The reference model of the offline benchmark: a timm ResNet-18 trained on Fashion-MNIST.
+
+BENCHMARK.md: trained on the CPU in minutes, at least 90% test accuracy, its
+checkpoint cached so a benchmark rerun does not retrain. The recipe lives in
+one frozen :class:`Recipe`; the cache file name holds its hash, so changing the
+recipe retrains instead of reusing a stale model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["FAST_RECIPE", "RECIPE", "Recipe", "reference_model", "train_on_source"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a reference model is trained.
+
+    Attributes:
+        architecture: the timm model.
+        source: the in-distribution training source (and its ``test`` split for accuracy).
+        epochs / batch_size / optimizer / lr / weight_decay / schedule / warmup_epochs / augment / seed:
+            as :func:`timm_ood.training.fit`.
+        train_images: use only the first N training images (None = all).
+        min_accuracy: warn when the trained model's test accuracy is lower.
+    """
+
+    architecture: str = "resnet18"
+    source: str = "fashion-mnist"
+    epochs: int = 2
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.2
+    augment: bool = True
+    seed: int = 0
+    train_images: int | None = None
+    min_accuracy: float = 0.90
+
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"{self.architecture}-{self.source}-{digest[:12]}"
+
+
+#: the benchmark's reference model
+RECIPE = Recipe()
+#: a small stand-in for quick runs (``timm-ood demo --fast``, the test suite): no accuracy goal
+FAST_RECIPE = Recipe(architecture="test_resnet", epochs=1, batch_size=64, lr=0.05, train_images=6000,
+                     min_accuracy=0.0, warmup_epochs=0.0)
+
+
+def train_on_source(recipe: Recipe, *, progress: bool | None = None) -> tuple[nn.Module, float]:
+    """Create the recipe's timm model for its source and train it; returns ``(model, test accuracy)``."""
+    import timm
+
+    from . import training
+    from .data import load_source, make_loader, model_overlay
+
+    train = load_source(recipe.source, split="train")
+    test = load_source(recipe.source, split="test")
+    if recipe.train_images is not None and len(train) > recipe.train_images:
+        train = train.shuffle(seed=recipe.seed).select(range(recipe.train_images))
+    overlay = model_overlay(recipe.source)
+    num_classes = len(set(train["label"]))
+    model = timm.create_model(recipe.architecture, num_classes=num_classes, in_chans=overlay["input_size"][0],
+                              pretrained_cfg_overlay=overlay)
+    loader = make_loader(train, model, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
+                         drop_last=True, name=f"{recipe.source}/train")
+    training.fit(model, loader, epochs=recipe.epochs, optimizer=recipe.optimizer, lr=recipe.lr,
+                 weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup_epochs=recipe.warmup_epochs,
+                 augment=recipe.augment, seed=recipe.seed, progress=progress)
+    accuracy = training.accuracy(model, make_loader(test, model, batch_size=512, name=f"{recipe.source}/test"))
+    return model, accuracy
+
+
+def reference_model(
+    recipe: Recipe = RECIPE, *, cache_dir: str | Path | None = None, retrain: bool = False,
+    progress: bool | None = None,
+) -> nn.Module:
+    """The trained reference model, from the cache or trained now (and cached).
+
+    Args:
+        recipe: what to train (default :data:`RECIPE`, ResNet-18 on Fashion-MNIST).
+        cache_dir: where checkpoints live (default ``$TIMM_OOD_CACHE_DIR/models``).
+        retrain: ignore the cache.
+        progress: tqdm bars while training.
+
+    Returns:
+        The model in eval mode; its checkpoint metadata records the recipe and
+        the test accuracy (``timm_ood.training.read_checkpoint_metadata``).
+    """
+    from .data.cache import cache_dir as default_cache_dir
+    from .training import load_checkpoint, save_checkpoint
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
+    path = folder / f"{recipe.key()}.safetensors"
+    if path.exists() and not retrain:
+        return load_checkpoint(path)
+    model, accuracy = train_on_source(recipe, progress=progress)
+    if accuracy < recipe.min_accuracy:
+        warnings.warn(
+            f"the reference {recipe.architecture} reached {100 * accuracy:.2f}% test accuracy on "
+            f"{recipe.source}, below the {100 * recipe.min_accuracy:.0f}% the benchmark asks for",
+            stacklevel=2,
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_checkpoint(model, partial, metadata={"recipe": dataclasses.asdict(recipe), "test_accuracy": accuracy})
+    partial.replace(path)
+    return model

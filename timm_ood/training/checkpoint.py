@@ -1,0 +1,104 @@
+"""Model checkpoints in safetensors, with what it takes to recreate the model.
+
+A checkpoint holds the state dict and string metadata: the timm architecture,
+the ``timm.create_model`` keyword arguments (``num_classes``, ``in_chans``,
+``img_size``...) and the ``pretrained_cfg`` data config the model was trained
+with (input size, mean, std), so :func:`load_checkpoint` can rebuild the model
+that :func:`timm_ood.data.make_loader` then feeds correctly. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = ["DATA_CONFIG_KEYS", "load_checkpoint", "read_checkpoint_metadata", "save_checkpoint"]
+
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def _data_config_overlay(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {key: cfg[key] for key in DATA_CONFIG_KEYS if key in cfg}
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    create_kwargs: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Save ``model``'s weights and how to recreate it.
+
+    Args:
+        model: a timm model.
+        path: the ``.safetensors`` file to write.
+        create_kwargs: the ``timm.create_model`` keyword arguments beyond the
+            architecture (default: ``num_classes`` and ``in_chans`` read from the model).
+        metadata: anything else to record (JSON-serialisable), e.g. training settings.
+    """
+    from ..model_info import input_channels
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    kwargs = dict(create_kwargs or {})
+    kwargs.setdefault("num_classes", int(getattr(model, "num_classes", 0) or 0))
+    kwargs.setdefault("in_chans", input_channels(model))
+    strings = {
+        "timm_ood.architecture": str(cfg.get("architecture", "")),
+        "timm_ood.create_kwargs": json.dumps(kwargs),
+        "timm_ood.data_config": json.dumps(_data_config_overlay(model)),
+        "timm_ood.metadata": json.dumps(metadata or {}),
+    }
+    save_model(model, os.fspath(path), metadata=strings)
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The architecture, create kwargs, data config and extra metadata of a checkpoint."""
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    if "timm_ood.architecture" not in raw:
+        raise ValueError(f"{os.fspath(path)!r} is not a timm-ood checkpoint (no 'timm_ood.architecture' metadata)")
+    return {
+        "architecture": raw["timm_ood.architecture"],
+        "create_kwargs": json.loads(raw.get("timm_ood.create_kwargs", "{}")),
+        "data_config": json.loads(raw.get("timm_ood.data_config", "{}")),
+        "metadata": json.loads(raw.get("timm_ood.metadata", "{}")),
+    }
+
+
+def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, **create_kwargs: Any) -> nn.Module:
+    """Recreate the timm model saved by :func:`save_checkpoint` and load its weights (eval mode).
+
+    Args:
+        path: the checkpoint.
+        model_name: the timm architecture; default the one recorded in the file.
+        **create_kwargs: override recorded ``timm.create_model`` arguments.
+
+    Raises:
+        ValueError: ``model_name`` differs from the recorded architecture, or
+            the weights do not fit the model.
+    """
+    import timm
+
+    info = read_checkpoint_metadata(path)
+    recorded = info["architecture"]
+    if model_name and recorded and model_name != recorded:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds a {recorded!r} model, not {model_name!r}; pass --model {recorded}"
+        )
+    kwargs = {**info["create_kwargs"], **create_kwargs}
+    overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_config"].items()}
+    model = timm.create_model(model_name or recorded, pretrained_cfg_overlay=overlay, **kwargs)
+    missing, unexpected = load_model(model, os.fspath(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights in {os.fspath(path)!r} do not fit {model_name or recorded} created with {kwargs}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model.eval()

@@ -1,0 +1,234 @@
+"""One supervised training loop for every method: plain, outlier exposure, IsoMax, energy, GReg...
+
+``fit`` trains a timm model in place: SGD (Nesterov) or AdamW, a cosine (or
+step) learning-rate schedule over all steps, optional batch augmentation,
+seeded. What a step minimises is an :class:`~timm_ood.training.objectives.Objective`
+(a plain loss is adapted), and an optional auxiliary-outlier source is
+interleaved with the in-distribution batches, one outlier batch per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._runtime import eval_mode, model_device
+from ..batches import iter_batches
+from .augment import random_crop_flip
+from .objectives import as_objective
+from .outliers import OutlierSource, as_outlier_source
+
+__all__ = ["EpochRecord", "TrainingHistory", "accuracy", "fit", "make_optimizer", "make_schedule"]
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3, "adam": 1e-3}
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did."""
+
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+    accuracy: float | None = None
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch records of a :func:`fit` run."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.epochs[-1].accuracy if self.epochs else None
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.epochs)
+
+
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum), AdamW or Adam over ``parameters``; weight decay applies to all of them."""
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                               weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0,
+    milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step learning-rate multiplier: linear warm-up, then cosine to 0, steps, or constant.
+
+    ``"step"`` divides by ``1/gamma`` at the given fractions of training (the
+    ODIN and survey papers' schedule: x0.1 at 50% and 75%).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    total_steps = max(total_steps, 1)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "cosine":
+            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if name == "step":
+            return gamma ** sum(step >= m * total_steps for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Iterable) -> float:
+    """Top-1 accuracy of ``model`` over labelled batches (in eval mode)."""
+    device = model_device(model)
+    correct = total = 0
+    with eval_mode(model):
+        for images, labels in iter_batches(data):
+            predictions = model(images.to(device)).argmax(dim=1).cpu()
+            correct += int((predictions == labels.cpu()).sum())
+            total += len(labels)
+    if total == 0:
+        raise ValueError("accuracy needs at least one labelled image")
+    return correct / total
+
+
+def _train_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int) -> Iterable:
+    """Hugging Face datasets become a shuffled loader for the model; anything else is used as given."""
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return train_data
+    if isinstance(train_data, Dataset):
+        from ..data import make_loader
+
+        return make_loader(train_data, model, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
+    return train_data
+
+
+def fit(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    loss: nn.Module | None = None,
+    outliers: Iterable | OutlierSource | None = None,
+    epochs: int = 1,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    batch_size: int = 128,
+    augment: bool = False,
+    seed: int = 0,
+    eval_data: Iterable | None = None,
+    max_grad_norm: float | None = None,
+    progress: bool | None = None,
+) -> TrainingHistory:
+    """Train ``model`` in place on in-distribution data, optionally with auxiliary outliers.
+
+    Args:
+        model: a timm model (any ``nn.Module`` returning logits).
+        train_data: a DataLoader / iterable of ``(images, labels)`` batches, or
+            a Hugging Face ``Dataset`` (then loaded for the model with
+            ``timm_ood.data.make_loader``, shuffled with ``seed``).
+        loss: ``loss(logits, targets)``, or with ``outliers``
+            ``loss(logits_in, targets, logits_out)``, or an ``Objective``;
+            default cross-entropy.
+        outliers: auxiliary outlier batches (cycled, one per step) or an
+            ``OutlierSource`` that picks them with the current model.
+        epochs: passes over ``train_data``.
+        optimizer: ``"sgd"`` (Nesterov momentum), ``"adamw"`` or ``"adam"``.
+        lr: peak learning rate (default 0.1 for SGD, 1e-3 for Adam/AdamW).
+        weight_decay: applied to every parameter (IsoMax prototypes included).
+        momentum: SGD momentum.
+        schedule: ``"cosine"`` (per step, to 0), ``"step"`` (x0.1 at 50%/75%) or ``"constant"``.
+        warmup_epochs: linear warm-up length in epochs.
+        batch_size: used when ``train_data`` is a ``Dataset``.
+        augment: random 2-pixel shifts and horizontal flips of the ID batch.
+        seed: seeds parameters' initial randomness, shuffling and augmentation.
+        eval_data: labelled batches to report accuracy on after each epoch.
+        max_grad_norm: clip the gradient norm (off by default).
+        progress: tqdm bars (default: on a terminal).
+
+    Returns:
+        The per-epoch history; the model is left in eval mode.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    objective = as_objective(loss, with_outliers=outliers is not None).to(device)
+    if objective.uses_outliers and outliers is None:
+        raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
+    outlier_source = None if outliers is None else as_outlier_source(outliers)
+    loader = _train_loader(train_data, model, batch_size, seed)
+    if not hasattr(loader, "__len__"):
+        raise TypeError("train_data must have a length (a DataLoader or a list of batches) to schedule the learning rate")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yielded no batches")
+    parameters = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+    lr = DEFAULT_LR.get(optimizer, 0.1) if lr is None else lr
+    opt = make_optimizer(parameters, optimizer, lr, weight_decay, momentum)
+    scheduler = make_schedule(opt, schedule, epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch))
+    history = TrainingHistory()
+    for epoch in range(1, epochs + 1):
+        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        model.train()
+        bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
+                   disable=None if progress is None else not progress)
+        for images, labels in bar:
+            if labels is None:
+                raise ValueError("training batches need labels: pass (images, labels) batches")
+            images, labels = images.to(device), labels.to(device)
+            if augment:
+                images = random_crop_flip(images, generator)
+            outlier_images = None
+            if outlier_source is not None:
+                outlier_images = outlier_source.next_batch(model, len(images)).to(device)
+                model.train()  # a sampler may have scored candidates in eval mode
+            step_loss = objective(model, images, labels, outlier_images)
+            if not torch.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"the training loss became {float(step_loss.detach())} at epoch {epoch}: lower the learning rate "
+                    f"(now {scheduler.get_last_lr()[0]:.3g}) or set max_grad_norm"
+                )
+            opt.zero_grad(set_to_none=True)
+            step_loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            opt.step()
+            scheduler.step()
+            total_loss += float(step_loss.detach()) * len(images)
+            seen += len(images)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        record = EpochRecord(epoch, total_loss / max(seen, 1), scheduler.get_last_lr()[0], time.perf_counter() - start)
+        if eval_data is not None:
+            record.accuracy = accuracy(model, eval_data)
+        history.epochs.append(record)
+    model.eval()
+    return history
