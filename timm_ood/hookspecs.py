@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from .data.benchmarks import BenchmarkSpec
+    from .data.sources import SourceSpec
     from .detectors.base import Detector
 
 PROJECT_NAME = "timm_ood"
@@ -36,4 +38,29 @@ def timm_ood_detectors() -> Sequence[type[Detector]]:
     ``name`` (lower case, words joined by ``-``). Classes are registered under
     that name; a name that another plugin already registers is an error
     naming both distributions.
+    """
+
+
+@hookspec
+def timm_ood_sources() -> Sequence[SourceSpec]:
+    """Return the image sources this plugin provides.
+
+    Each :class:`timm_ood.data.SourceSpec` has a unique ``name`` and a
+    ``load(split, **params)`` returning a ``datasets.Dataset`` (or
+    ``IterableDataset``) with an ``image`` column (``datasets.Image``) and an
+    integer ``label`` column, -1 for every example of an OOD set. Its
+    ``description``, ``provenance`` and ``licence`` are shown to users. A name
+    that another plugin already registers is an error naming both distributions.
+    """
+
+
+@hookspec
+def timm_ood_benchmarks() -> Sequence[BenchmarkSpec]:
+    """Return the benchmarks this plugin provides.
+
+    Each :class:`timm_ood.data.BenchmarkSpec` has a unique ``name`` and names,
+    by registered source name, its ID train and test splits and its OOD sets;
+    :func:`timm_ood.data.load_benchmark` loads them and holds out the tuning
+    images. A name that another plugin already registers is an error naming
+    both distributions.
     """

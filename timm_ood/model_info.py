@@ -71,12 +71,26 @@ def _per_channel(values: tuple[float, ...], channels: int, what: str, model: nn.
     )
 
 
+def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a patch-embedding model was built for (``timm.create_model(..., img_size=...)``).
+
+    ViT-like models size their position embeddings for it (and take only that
+    size unless created with ``dynamic_img_size=True``), but their
+    ``pretrained_cfg`` keeps the size of the pretrained weights.
+    """
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def data_config(model: nn.Module, **overrides: Any) -> dict[str, Any]:
-    """``timm.data.resolve_data_config`` for this model, with its real channel count.
+    """``timm.data.resolve_data_config`` for this model, with its real channel count and input size.
 
     timm resolves ``input_size``, ``mean`` and ``std`` from ``pretrained_cfg``
-    but assumes 3 channels; a model created with ``in_chans=1`` gets a config
-    whose ``input_size`` and normalisation match its stem here.
+    but assumes 3 channels and the pretrained resolution; a model created
+    with ``in_chans=1`` or a ViT created with ``img_size=32`` gets a config
+    whose ``input_size`` and normalisation match the model here.
 
     Args:
         model: a timm model (anything with ``pretrained_cfg``).
@@ -88,7 +102,11 @@ def data_config(model: nn.Module, **overrides: Any) -> dict[str, Any]:
 
     config = dict(resolve_data_config(args=dict(overrides), model=model))
     channels = int(overrides.get("input_size", (input_channels(model),))[0])
-    config["input_size"] = (channels, *tuple(config["input_size"])[1:])
+    size = tuple(config["input_size"])[1:]
+    fixed = _fixed_image_size(model)
+    if fixed is not None and "input_size" not in overrides and "img_size" not in overrides:
+        size = fixed
+    config["input_size"] = (channels, *size)
     config["mean"] = _per_channel(config["mean"], channels, "mean", model)
     config["std"] = _per_channel(config["std"], channels, "std", model)
     return config

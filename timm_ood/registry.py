@@ -54,6 +54,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "timm_ood.detectors.logits",
     "timm_ood.detectors.odin",
     "timm_ood.detectors.distance",
+    "timm_ood.detectors.entropic",
+    "timm_ood.data.offline",
+    "timm_ood.data.hub_benchmarks",
 )
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:[-_.][a-z0-9]+)*$")

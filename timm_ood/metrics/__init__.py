@@ -11,16 +11,8 @@ Classes (:mod:`.classes`) are :class:`torchmetrics.Metric` subclasses;
 variants reuse one :class:`OODCurve`.
 """
 
-from .classes import (
-    AUROC,
-    AUPRIn,
-    AUPROut,
-    DetectionAccuracy,
-    DetectionError,
-    FPRAtTPR,
-    OODMetrics,
-    TNRAtTPR,
-)
+from typing import TYPE_CHECKING, Any
+
 from .functional import (
     OOD_METRIC_KEYS,
     DetectionErrorAt,
@@ -45,6 +37,30 @@ from .functional import (
     tnr_at_tpr,
     tnr_at_tpr_from_curve,
 )
+
+if TYPE_CHECKING:
+    from .classes import (
+        AUROC,
+        AUPRIn,
+        AUPROut,
+        DetectionAccuracy,
+        DetectionError,
+        FPRAtTPR,
+        OODMetrics,
+        TNRAtTPR,
+    )
+
+#: the torchmetrics classes, imported on first use: importing torchmetrics takes seconds
+_CLASSES = ("AUROC", "AUPRIn", "AUPROut", "DetectionAccuracy", "DetectionError", "FPRAtTPR", "OODMetrics", "TNRAtTPR")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        from . import classes
+
+        return getattr(classes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AUROC",

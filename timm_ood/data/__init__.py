@@ -1,0 +1,54 @@
+"""Data for OOD evaluation: image sources, benchmarks, and loaders shaped for a timm model.
+
+::
+
+    from timm_ood import data
+    data.list_sources()                                   # {name: SourceSpec}, .offline / .hub_id
+    ds = data.load_source("fashion-mnist", split="test")  # datasets.Dataset: "image", "label"
+    bench = data.load_benchmark("fashion-mnist")          # ID train/test, OOD sets, tuning holdouts
+    loader = data.make_loader(bench.ood["natural-crop"], model, batch_size=256)
+
+Sources and benchmarks are registered through the ``timm_ood_sources`` and
+``timm_ood_benchmarks`` hooks, so plugins add their own the way they add detectors.
+"""
+
+from __future__ import annotations
+
+from .benchmarks import (
+    Benchmark,
+    BenchmarkSpec,
+    SourceRef,
+    TuningSets,
+    get_benchmark_spec,
+    list_benchmarks,
+    load_benchmark,
+)
+from .cache import CACHE_DIR_ENV
+from .errors import CorruptImageError, DataNotFoundError, EmptyDatasetError, HubUnavailableError
+from .fashion_mnist import DATA_DIR_ENV
+from .loaders import make_loader
+from .sources import SourceSpec, get_source, list_sources, load_source, model_overlay
+from .transforms import ModelTransform
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DATA_DIR_ENV",
+    "Benchmark",
+    "BenchmarkSpec",
+    "CorruptImageError",
+    "DataNotFoundError",
+    "EmptyDatasetError",
+    "HubUnavailableError",
+    "ModelTransform",
+    "SourceRef",
+    "SourceSpec",
+    "TuningSets",
+    "get_benchmark_spec",
+    "get_source",
+    "list_benchmarks",
+    "list_sources",
+    "load_benchmark",
+    "load_source",
+    "make_loader",
+    "model_overlay",
+]

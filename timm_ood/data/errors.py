@@ -1,0 +1,34 @@
+"""Errors raised while finding, loading and decoding data.
+
+Each says what is missing or broken and how to fix it, and derives from the
+built-in exception a caller would catch for that kind of failure.
+"""
+
+from __future__ import annotations
+
+from ..errors import TimmOODError
+
+__all__ = ["CorruptImageError", "DataNotFoundError", "EmptyDatasetError", "HubUnavailableError"]
+
+
+class DataNotFoundError(TimmOODError, FileNotFoundError):
+    """The files of an offline source are on none of the paths it searches."""
+
+
+class HubUnavailableError(TimmOODError, ConnectionError):
+    """A source needs the Hugging Face hub and the hub cannot be reached."""
+
+
+class CorruptImageError(TimmOODError, ValueError):
+    """An image of a dataset cannot be decoded; the message names the dataset and index."""
+
+    def __init__(self, dataset: str, index: int, cause: BaseException) -> None:
+        super().__init__(
+            f"image {index} of dataset {dataset!r} cannot be decoded "
+            f"({type(cause).__name__}: {cause}); remove or re-encode that example"
+        )
+        self.dataset, self.index, self.cause = dataset, index, cause
+
+
+class EmptyDatasetError(TimmOODError, ValueError):
+    """A split or set has no examples: an error rather than a metric computed on nothing."""

@@ -1,0 +1,135 @@
+"""Torch DataLoaders over Hugging Face datasets, with the images a given timm model expects.
+
+A map-style ``Dataset`` is read a batch at a time (``dataset[indices]``)
+through ``with_transform``, so decoding, resizing and normalisation happen
+lazily, once per batch. An ``IterableDataset`` (streaming) is read example by
+example and batched on the fly: only one batch is in memory, whatever the length
+of the stream. Images are decoded by the transform rather than by ``datasets``
+so that a corrupt one is reported with its dataset and index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from .errors import CorruptImageError, EmptyDatasetError
+from .transforms import ModelTransform, UndecodableImageError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+__all__ = ["make_loader"]
+
+
+class _IndexedBatches(torch.utils.data.Dataset):
+    """``dataset[indices]`` through the model transform, as ``(images, labels)``."""
+
+    def __init__(self, dataset: Dataset, transform: ModelTransform, name: str) -> None:
+        from datasets import Image
+
+        if isinstance(dataset.features.get("image"), Image):
+            dataset = dataset.cast_column("image", Image(decode=False))
+        self.examples = dataset.with_transform(transform)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            batch = self.examples[indices]
+        except UndecodableImageError as error:
+            raise CorruptImageError(self.name, indices[error.position], error.cause) from error.cause
+        return batch["images"], batch["labels"]
+
+
+class _StreamBatches(torch.utils.data.IterableDataset):
+    """Batches of a stream through the model transform; ``datasets`` shards it across workers."""
+
+    def __init__(
+        self, stream: IterableDataset, transform: ModelTransform, batch_size: int, drop_last: bool, name: str
+    ) -> None:
+        self.stream = stream.decode(False) if stream.features is not None else stream
+        self.transform, self.batch_size, self.drop_last, self.name = transform, batch_size, drop_last, name
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        examples = iter(self.stream)
+        start = 0
+        while chunk := list(islice(examples, self.batch_size)):
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            try:
+                batch = self.transform({"image": [e["image"] for e in chunk], "label": [e["label"] for e in chunk]})
+            except UndecodableImageError as error:
+                raise CorruptImageError(self.name, start + error.position, error.cause) from error.cause
+            yield batch["images"], batch["labels"]
+            start += len(chunk)
+
+    def is_empty(self) -> bool:
+        """Whether the stream has no example (reads at most one, undecoded)."""
+        return next(iter(self.stream), None) is None
+
+
+def make_loader(
+    dataset: Dataset | IterableDataset,
+    model: nn.Module,
+    *,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int | None = None,
+    name: str | None = None,
+    **config_overrides: Any,
+) -> DataLoader:
+    """A DataLoader of ``(images, labels)`` prepared for ``model``.
+
+    ``images`` are float32 ``[B, C, H, W]`` with the model's channel count,
+    input size and normalisation (see :class:`~timm_ood.data.ModelTransform`);
+    ``labels`` are int64 ``[B]`` (-1 for OOD sets).
+
+    Args:
+        dataset: a dataset with ``image`` and ``label`` columns; an
+            ``IterableDataset`` is streamed.
+        model: the timm model the images are for.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (map-style datasets only).
+        num_workers: DataLoader worker processes.
+        drop_last: drop the last, incomplete batch.
+        seed: seeds the shuffling.
+        name: the dataset's name in error messages (default: its ``info.dataset_name``).
+        **config_overrides: timm data-config values replacing the model's
+            (``input_size``, ``crop_pct``, ``mean``, ``std``, ``interpolation``).
+
+    Raises:
+        EmptyDatasetError: the dataset has no examples.
+        ValueError: ``shuffle`` on a stream (shuffle it with ``dataset.shuffle(seed, buffer_size)``).
+        CorruptImageError: while iterating, an image cannot be decoded.
+    """
+    from datasets import IterableDataset
+
+    name = name or getattr(dataset.info, "dataset_name", None) or "dataset"
+    transform = ModelTransform(model, **config_overrides)
+    if isinstance(dataset, IterableDataset):
+        if shuffle:
+            raise ValueError("cannot shuffle a stream here; use dataset.shuffle(seed=..., buffer_size=...) first")
+        stream = _StreamBatches(dataset, transform, batch_size, drop_last, name)
+        if stream.is_empty():  # checked here: a DataLoader worker left without a shard is empty too
+            raise EmptyDatasetError(f"stream {name!r} has no examples: there is nothing to evaluate on")
+        return DataLoader(stream, batch_size=None, num_workers=num_workers)
+    if len(dataset) == 0:
+        raise EmptyDatasetError(f"dataset {name!r} is empty: there is nothing to evaluate on")
+    batches = _IndexedBatches(dataset, transform, name)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        order = RandomSampler(batches, generator=generator)
+    else:
+        order = SequentialSampler(batches)
+    sampler = BatchSampler(order, batch_size=batch_size, drop_last=drop_last)
+    return DataLoader(batches, sampler=sampler, batch_size=None, num_workers=num_workers)
