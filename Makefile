@@ -8,12 +8,13 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test lint data venv clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/timm-ood-sklearn/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: on this project's machines pip takes 2.14.1 / 0.29.1 from local wheels
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e plugins/timm-ood-sklearn
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,7 +26,7 @@ demo: $(STAMP) data
 	$(VENV)/bin/timm-ood demo
 
 test: $(STAMP) data
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q tests plugins/timm-ood-sklearn/tests
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

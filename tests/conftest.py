@@ -11,9 +11,12 @@ import torch
 
 
 def pytest_configure(config) -> None:
-    # pytest-xdist runs one worker per core: one torch thread each avoids oversubscription
+    # pytest-xdist runs one worker per core: one torch and one BLAS thread each avoid oversubscription
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
 
 
 # -- data tests (tests/test_data_*.py) ---------------------------------------

@@ -16,7 +16,6 @@ from importlib.metadata import PackageNotFoundError, version
 from . import metrics
 from .detectors import create_detector, get_detector_class, list_detectors
 from .detectors.base import Detector, Requirements
-from .evaluation import evaluate, tune
 from .errors import (
     DuplicateNameError,
     IncompatibleModelError,
@@ -25,6 +24,7 @@ from .errors import (
     TimmOODError,
     UnknownNameError,
 )
+from .evaluation import evaluate, tune
 from .hookspecs import hookimpl
 from .model import OODModel, create_model, wrap
 from .registry import register_plugin, reload_plugins
