@@ -1,36 +1,72 @@
-"""Training: one loop for every method, its objectives, outlier sources and checkpoints.
+"""Training: one loop for every method, its objectives, losses, heads, outlier sources and checkpoints.
 
 ::
 
     from timm_ood import training
     history = training.fit(model, train_data, epochs=5, optimizer="sgd", augment=True)
     training.save_checkpoint(model, "ckpt.safetensors")
+
+    training.replace_head(model, "isomax")                        # IsoMax prototypes
+    training.fit(model, train_data, loss=training.IsoMaxLoss(entropic_scale=10.0), epochs=5)
+    training.fit(model, train_data, loss=training.ConfidenceLoss(beta=1.0), outliers=aux_data, epochs=5)
+    training.fit_joint_confidence(model, train_data, beta=1.0, epochs=5)   # Lee et al., Algorithm 1
 """
 
 from __future__ import annotations
 
 from .augment import random_crop_flip
 from .checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .gan import (
+    DCGANDiscriminator,
+    DCGANGenerator,
+    JointConfidenceRun,
+    JointConfidenceTrainer,
+    JointEpochRecord,
+    fit_joint_confidence,
+)
+from .heads import IsoMaxHead, ReplacementHead, head_spec, replace_head
 from .loop import EpochRecord, TrainingHistory, accuracy, fit, make_optimizer, make_schedule
+from .losses import (
+    ConfidenceLoss,
+    IsoMaxLoss,
+    OutlierExposureLoss,
+    cross_entropy_to_uniform,
+    kl_to_uniform,
+)
 from .objectives import Objective, OutlierObjective, SupervisedObjective, as_objective
 from .outliers import CyclingOutliers, OutlierSource, as_outlier_source
 
 __all__ = [
+    "ConfidenceLoss",
     "CyclingOutliers",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
     "EpochRecord",
+    "IsoMaxHead",
+    "IsoMaxLoss",
+    "JointConfidenceRun",
+    "JointConfidenceTrainer",
+    "JointEpochRecord",
     "Objective",
+    "OutlierExposureLoss",
     "OutlierObjective",
     "OutlierSource",
+    "ReplacementHead",
     "SupervisedObjective",
     "TrainingHistory",
     "accuracy",
     "as_objective",
     "as_outlier_source",
+    "cross_entropy_to_uniform",
     "fit",
+    "fit_joint_confidence",
+    "head_spec",
+    "kl_to_uniform",
     "load_checkpoint",
     "make_optimizer",
     "make_schedule",
     "random_crop_flip",
     "read_checkpoint_metadata",
+    "replace_head",
     "save_checkpoint",
 ]

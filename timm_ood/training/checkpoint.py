@@ -4,7 +4,9 @@ A checkpoint holds the state dict and string metadata: the timm architecture,
 the ``timm.create_model`` keyword arguments (``num_classes``, ``in_chans``,
 ``img_size``...) and the ``pretrained_cfg`` data config the model was trained
 with (input size, mean, std), so :func:`load_checkpoint` can rebuild the model
-that :func:`timm_ood.data.make_loader` then feeds correctly. No pickle.
+that :func:`timm_ood.data.make_loader` then feeds correctly. A classifier
+replaced by :func:`~timm_ood.training.replace_head` (IsoMax) is recorded too
+and put back before the weights are loaded. No pickle.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def save_checkpoint(
         metadata: anything else to record (JSON-serialisable), e.g. training settings.
     """
     from ..model_info import input_channels
+    from .heads import head_spec
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     kwargs = dict(create_kwargs or {})
@@ -55,11 +58,14 @@ def save_checkpoint(
         "timm_ood.data_config": json.dumps(_data_config_overlay(model)),
         "timm_ood.metadata": json.dumps(metadata or {}),
     }
+    head = head_spec(model)
+    if head is not None:
+        strings["timm_ood.head"] = json.dumps(head)
     save_model(model, os.fspath(path), metadata=strings)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The architecture, create kwargs, data config and extra metadata of a checkpoint."""
+    """The architecture, create kwargs, data config, replaced head (or None) and extra metadata of a checkpoint."""
     with safe_open(os.fspath(path), framework="pt") as handle:
         raw = handle.metadata() or {}
     if "timm_ood.architecture" not in raw:
@@ -69,11 +75,14 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "create_kwargs": json.loads(raw.get("timm_ood.create_kwargs", "{}")),
         "data_config": json.loads(raw.get("timm_ood.data_config", "{}")),
         "metadata": json.loads(raw.get("timm_ood.metadata", "{}")),
+        "head": json.loads(raw["timm_ood.head"]) if "timm_ood.head" in raw else None,
     }
 
 
 def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, **create_kwargs: Any) -> nn.Module:
     """Recreate the timm model saved by :func:`save_checkpoint` and load its weights (eval mode).
+
+    A recorded replaced head (IsoMax) is installed before the weights are loaded.
 
     Args:
         path: the checkpoint.
@@ -95,6 +104,10 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, **cr
     kwargs = {**info["create_kwargs"], **create_kwargs}
     overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in info["data_config"].items()}
     model = timm.create_model(model_name or recorded, pretrained_cfg_overlay=overlay, **kwargs)
+    if info["head"] is not None:
+        from .heads import replace_head
+
+        replace_head(model, info["head"]["kind"], **info["head"]["options"])
     missing, unexpected = load_model(model, os.fspath(path), strict=False)
     if missing or unexpected:
         raise ValueError(
