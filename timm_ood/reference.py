@@ -35,7 +35,7 @@ class Recipe:
 
     architecture: str = "resnet18"
     source: str = "fashion-mnist"
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1

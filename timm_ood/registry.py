@@ -57,6 +57,16 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "timm_ood.detectors.entropic",
     "timm_ood.data.offline",
     "timm_ood.data.hub_benchmarks",
+    "timm_ood.detectors.gradient",
+    "timm_ood.detectors.sampling",
+    "timm_ood.detectors.posterior",
+    "timm_ood.detectors.calibration",
+    "timm_ood.detectors.shaping",
+    "timm_ood.detectors.gaussian",
+    "timm_ood.detectors.neighbours",
+    "timm_ood.detectors.classifier_geometry",
+    "timm_ood.detectors.prototypes",
+    "timm_ood.detectors.gram",
 )
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:[-_.][a-z0-9]+)*$")

@@ -9,6 +9,9 @@ follows ``.to()`` with the model and saves to safetensors without pickle.
 
 Fitting streams: :meth:`Detector.reset_fit`, then :meth:`Detector.update_fit`
 once per batch (sufficient statistics only), then :meth:`Detector.finish_fit`.
+A detector whose fit reads what an earlier pass fitted declares
+``Requirements(fit_passes=2)`` and sees the data again after
+:meth:`Detector.next_fit_pass`.
 Several detectors fit together in one pass over the data
 (:func:`timm_ood.fitting.fit_detectors`).
 """
@@ -46,6 +49,9 @@ class Requirements:
             classifier over the pre-logits (refused for distilled/MLP heads).
         fit: it must be fitted on in-distribution data before scoring.
         fit_labels: its fit uses the class labels.
+        fit_passes: passes over the fit data; each pass after the first reads
+            what the previous ones fitted (ViM's residuals need its principal
+            subspace), between passes :meth:`Detector.next_fit_pass` runs.
     """
 
     outputs: frozenset[Need] = frozenset({Need.LOGITS})
@@ -54,6 +60,7 @@ class Requirements:
     linear_classifier: bool = False
     fit: bool = False
     fit_labels: bool = False
+    fit_passes: int = 1
 
     @property
     def outputs_for_fit(self) -> frozenset[Need]:
@@ -154,6 +161,10 @@ class Detector(nn.Module, metaclass=ABCMeta):
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
         """Accumulate sufficient statistics from one batch of in-distribution data."""
+
+    def next_fit_pass(self) -> None:
+        """Between two passes of a multi-pass fit (``requirements.fit_passes > 1``): turn what the
+        pass accumulated into what the next pass reads (all-reduce it first)."""
 
     def finish_fit(self) -> None:
         """Turn the accumulated statistics into the fitted state (all-reduce them first)."""
