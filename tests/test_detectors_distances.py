@@ -469,7 +469,7 @@ DISTRIBUTED = ("knn", "gram", "openmax", "vim")
 
 def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=300))
     try:
         assert gather_stacked(torch.tensor([rank, 10 + rank])).tolist() == [[0, 10], [1, 11]]
         assert gather_rows(torch.full((rank + 1, 2), rank)).tolist() == [[0, 0], [1, 1], [1, 1]]
@@ -492,7 +492,7 @@ def test_distributed_fits_equal_one_process_on_the_union(tmp_path: Path) -> None
     try:
         distributed_worker(0, *args)
     finally:
-        other_rank.join(timeout=120)
+        other_rank.join(timeout=300)
         if other_rank.is_alive():
             other_rank.kill()
     assert other_rank.exitcode == 0

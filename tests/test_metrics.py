@@ -504,7 +504,7 @@ def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=2,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=300),
     )
     try:
         scores, is_ood = shard_of_rank(rank)
@@ -534,7 +534,7 @@ def test_distributed_compute_equals_single_process_on_the_union(tmp_path: Path) 
     try:
         distributed_worker(0, *args)
     finally:
-        other_rank.join(timeout=60)
+        other_rank.join(timeout=300)
         if other_rank.is_alive():
             other_rank.kill()
     assert other_rank.exitcode == 0

@@ -16,6 +16,7 @@ Under ``torch.distributed``, ``compute()`` gathers the states of all processes
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -140,6 +141,7 @@ class _OODScoreMetric(Metric):
         """
         return self.compute_from_curve(self._curve_of_state())
 
+    @abstractmethod
     def compute_from_curve(self, curve: OODCurve) -> Tensor:
         """The metric from a prebuilt curve (used by :class:`OODMetrics` to sort once).
 
@@ -149,7 +151,6 @@ class _OODScoreMetric(Metric):
         Returns:
             A 0-dim float64 tensor.
         """
-        raise NotImplementedError
 
     def _curve_of_state(self) -> OODCurve:
         """The curve of the current state: local, or gathered inside a sync context."""
