@@ -34,6 +34,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 #: Built-ins that refuse the kit's plain models (mc-dropout needs dropout layers, deep-ensemble an
 #: ensemble of models): tests/test_detectors_gradient_sampling.py runs the kit on such models instead.
 OWN_MODELS = {"mc-dropout", "deep-ensemble"}
+#: Built-ins that read a head installed by training.replace_head (BIN/BINC sigmoids, VIB/VIBY bottlenecks) and
+#: refuse a linear head: tests/test_sigmoid_bottleneck.py runs the kit on models with those heads.
+OWN_MODELS |= {"bin", "vib", "viby-1", "viby-2"}
 BUILTINS = [
     name for name, distribution in timm_ood.list_detectors(with_distribution=True).items()
     if distribution.split()[0] == "timm-ood" and name not in OWN_MODELS

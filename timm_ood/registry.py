@@ -67,6 +67,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "timm_ood.detectors.classifier_geometry",
     "timm_ood.detectors.prototypes",
     "timm_ood.detectors.gram",
+    "timm_ood.detectors.training_heads",
 )
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:[-_.][a-z0-9]+)*$")

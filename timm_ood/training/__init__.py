@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 from .augment import random_crop_flip
+from .bottleneck import GaussianBottleneckHead, VIBHead, VIBLoss, VIBYHead, VIBYLoss, gaussian_kl
 from .checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .energy import EnergyLoss, GRegObjective, GRegTerms, energy_margin_loss, energy_score
+from .energy_sampling import EnergyClusterSampler, SamplingTimings, cluster_energy_extremes, kmeans
 from .gan import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -35,13 +38,30 @@ from .losses import (
 )
 from .objectives import Objective, OutlierObjective, SupervisedObjective, as_objective
 from .outliers import CyclingOutliers, OutlierSource, as_outlier_source
+from .sigmoid_heads import (
+    BINCHead,
+    BINCLoss,
+    BINHead,
+    BINLoss,
+    class_weighted_binary_cross_entropy,
+    mmce_weighted,
+)
 
 __all__ = [
+    "BINCHead",
+    "BINCLoss",
+    "BINHead",
+    "BINLoss",
     "ConfidenceLoss",
     "CyclingOutliers",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "EnergyClusterSampler",
+    "EnergyLoss",
     "EpochRecord",
+    "GRegObjective",
+    "GRegTerms",
+    "GaussianBottleneckHead",
     "IsoMaxHead",
     "IsoMaxLoss",
     "JointConfidenceRun",
@@ -52,19 +72,31 @@ __all__ = [
     "OutlierObjective",
     "OutlierSource",
     "ReplacementHead",
+    "SamplingTimings",
     "SupervisedObjective",
     "TrainingHistory",
+    "VIBHead",
+    "VIBLoss",
+    "VIBYHead",
+    "VIBYLoss",
     "accuracy",
     "as_objective",
     "as_outlier_source",
+    "class_weighted_binary_cross_entropy",
+    "cluster_energy_extremes",
     "cross_entropy_to_uniform",
+    "energy_margin_loss",
+    "energy_score",
     "fit",
     "fit_joint_confidence",
+    "gaussian_kl",
     "head_spec",
     "kl_to_uniform",
+    "kmeans",
     "load_checkpoint",
     "make_optimizer",
     "make_schedule",
+    "mmce_weighted",
     "random_crop_flip",
     "read_checkpoint_metadata",
     "replace_head",

@@ -112,7 +112,9 @@ class IsoMaxHead(ReplacementHead):
         return f"in_features={self.in_features}, num_classes={self.out_features}, eps={self.eps:g}"
 
 
-#: head kinds :func:`replace_head` knows, by name; ``"linear"`` restores a plain ``nn.Linear``
+#: head kinds :func:`replace_head` knows, by name; ``"linear"`` restores a plain ``nn.Linear``. The modules
+#: defining other heads add theirs on import (``sigmoid_heads``: bin, binc; ``bottleneck``: vib, viby), which
+#: ``timm_ood.training`` does before any of its modules is used (they subclass ReplacementHead, defined here)
 HEAD_KINDS: dict[str, type[ReplacementHead]] = {IsoMaxHead.kind: IsoMaxHead}
 
 
@@ -188,8 +190,9 @@ def replace_head(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     Args:
         model: a timm model with one ``nn.Linear`` classifier (or a head this
             function installed).
-        kind: ``"isomax"`` (:class:`IsoMaxHead`) or ``"linear"``.
-        **options: the head's keyword arguments (e.g. ``eps`` for IsoMax).
+        kind: ``"isomax"`` (:class:`IsoMaxHead`), ``"bin"``, ``"binc"``, ``"vib"``, ``"viby"``
+            (:class:`BINHead`, :class:`BINCHead`, :class:`VIBHead`, :class:`VIBYHead`), or ``"linear"``.
+        **options: the head's keyword arguments (e.g. ``eps`` for IsoMax, ``latent_dim`` for VIB).
 
     Returns:
         The new head module (the model is changed in place).
