@@ -96,7 +96,7 @@ def main() -> None:
     naive_seconds = time.perf_counter() - start
 
     print(f"# Evaluation and tuning speed ({recipe.architecture} on fashion-mnist)\n")
-    print("Command: `python benchmarks/bench_evaluate.py" + (" --fast" if args.fast else "") + "`\n")
+    print("Command: `python benchmarks/bench_evaluate.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, Python {sys.version.split()[0]}\n")
     rows = [

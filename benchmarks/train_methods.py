@@ -15,7 +15,7 @@ custom training function, plus the detectors to evaluate. Add one with
 
 Usage::
 
-    python benchmarks/train_methods.py                         # every method (under an hour on 2 quiet cores)
+    python benchmarks/train_methods.py                         # every method (about 80 minutes on 2 shared cores)
     python benchmarks/train_methods.py --methods ce,isomax      # some; merged into the recorded JSON
     python benchmarks/train_methods.py --fast --out /tmp/tm     # smoke run: tiny model, few images
 
@@ -203,7 +203,7 @@ register(Method(
 # papers' fine-tuning learning rate, 0.001 (Liu et al.'s and the GReg code's), without warm-up.
 # Margins: the authors' defaults (m_in = -25, m_out = -7) are absolute energies of their CIFAR networks; this
 # recipe's small model has energies near -4 (ID and auxiliary photos alike), so those margins swamp the
-# cross-entropy (accuracy falls to 20-28%; docs/training_energy.md). Liu et al. place the margins relative to
+# cross-entropy (accuracy falls to 20-28%; docs/training.md). Liu et al. place the margins relative to
 # the pre-trained model's energies; here, by a fixed rule on training data only: m_in = the 10th percentile of
 # the ce model's energies on ID training images, m_out = the 90th percentile on the auxiliary photos (the
 # values are logged and recorded). Weights and scaling: the GReg authors' code defaults.
