@@ -21,6 +21,7 @@ from ..hookspecs import hookimpl
 from ..tap import Need, Outputs
 from .base import Detector, Requirements
 from .distance import Mahalanobis
+from .logits import check_temperature
 
 __all__ = ["MAHALANOBIS_EPSILON_GRID", "GradNorm", "MahalanobisODIN", "gradnorm_scores"]
 
@@ -79,8 +80,7 @@ class GradNorm(Detector):
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:
-        if not float(self.temperature) > 0:
-            raise ValueError(f"gradnorm: temperature must be > 0, got {self.temperature!r}")
+        check_temperature(self)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         # the tap demotes a head whose classifier(pre_logits) differs from forward_head to "other": refuse it

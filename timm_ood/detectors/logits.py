@@ -20,7 +20,8 @@ from ..hookspecs import hookimpl
 from ..tap import Outputs
 from .base import Detector, score_dtype
 
-__all__ = ["MSP", "Energy", "Entropy", "MaxLogit", "TemperatureScaledMSP", "negative_log_max_softmax"]
+__all__ = ["MSP", "Energy", "Entropy", "MaxLogit", "TemperatureScaledMSP", "check_temperature",
+           "negative_log_max_softmax"]
 
 #: ODIN's temperature grid (Liang et al. 2018, Sec. 4.4).
 TEMPERATURE_GRID: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -32,7 +33,8 @@ def negative_log_max_softmax(logits: torch.Tensor, temperature: float = 1.0) -> 
     return torch.logsumexp(scaled, dim=1) - scaled.amax(dim=1)
 
 
-def _check_temperature(detector: Detector) -> None:
+def check_temperature(detector: Detector) -> None:
+    """Refuse a detector whose ``temperature`` hyperparameter is not > 0."""
     if not float(detector.temperature) > 0:
         raise ValueError(f"{detector.name}: temperature must be > 0, got {detector.temperature!r}")
 
@@ -72,7 +74,7 @@ class TemperatureScaledMSP(Detector):
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:
-        _check_temperature(self)
+        check_temperature(self)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         return negative_log_max_softmax(outputs.logits, float(self.temperature))
@@ -111,7 +113,7 @@ class Energy(Detector):
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:
-        _check_temperature(self)
+        check_temperature(self)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         t = float(self.temperature)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..hookspecs import hookimpl
 from ..tap import Outputs, Tap
 from .base import Detector, Requirements
-from .logits import TEMPERATURE_GRID, negative_log_max_softmax
+from .logits import TEMPERATURE_GRID, check_temperature, negative_log_max_softmax
 from .perturbation import gradient_sign, signed_step
 
 __all__ = ["EPSILON_GRID", "ODIN", "odin_gradient_sign", "odin_scores"]
@@ -89,8 +89,7 @@ class ODIN(Detector):
         self.check_hyperparameters()
 
     def check_hyperparameters(self) -> None:
-        if not float(self.temperature) > 0:
-            raise ValueError(f"odin: temperature must be > 0, got {self.temperature!r}")
+        check_temperature(self)
         if not float(self.epsilon) >= 0:
             raise ValueError(f"odin: epsilon must be >= 0 (pixel units), got {self.epsilon!r}")
 

@@ -50,11 +50,11 @@ from tqdm.auto import tqdm
 
 from .._runtime import eval_mode, model_device
 from ..batches import iter_batches
-from .augment import random_crop_flip
 from .loop import (
     EpochRecord,
     TrainingHistory,
-    _train_loader,
+    _scheduled_loader,
+    _training_batch,
     accuracy,
     make_optimizer,
     make_schedule,
@@ -423,12 +423,7 @@ def fit_joint_confidence(
     generator = (generator or DCGANGenerator.for_model(model, latent_dim=latent_dim, width=gan_width)).to(device)
     discriminator = (discriminator or DCGANDiscriminator.for_model(model, width=gan_width)).to(device)
     augmentation = torch.Generator().manual_seed(seed)
-    loader = _train_loader(train_data, model, batch_size, seed)
-    if not hasattr(loader, "__len__"):
-        raise TypeError("train_data must have a length (a DataLoader or a list of batches) to schedule the learning rate")
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError("train_data yielded no batches")
+    loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     optimizers = (
         make_optimizer(_parameters(model), optimizer, lr, weight_decay, momentum),
@@ -447,11 +442,7 @@ def fit_joint_confidence(
         bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"joint epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress is None else not progress)
         for images, labels in bar:
-            if labels is None:
-                raise ValueError("training batches need labels: pass (images, labels) batches")
-            images, labels = images.to(device), labels.to(device)
-            if augment:
-                images = random_crop_flip(images, augmentation)
+            images, labels = _training_batch(images, labels, device, augment, augmentation)
             values = trainer.step(images, labels)
             for scheduler in schedulers:
                 scheduler.step()

@@ -127,6 +127,30 @@ def _train_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int)
     return train_data
 
 
+def _scheduled_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int) -> tuple[Iterable, int]:
+    """The training loader and its steps per epoch (a learning-rate schedule needs a known, non-zero length)."""
+    loader = _train_loader(train_data, model, batch_size, seed)
+    if not hasattr(loader, "__len__"):
+        raise TypeError("train_data must have a length (a DataLoader or a list of batches) to schedule the learning rate")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yielded no batches")
+    return loader, steps_per_epoch
+
+
+def _training_batch(
+    images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, augment: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ID batch on the model's device, augmented when asked; unlabelled batches are refused."""
+    if labels is None:
+        raise ValueError("training batches need labels: pass (images, labels) batches")
+    images, labels = images.to(device), labels.to(device)
+    if augment:
+        images = random_crop_flip(images, generator)
+    return images, labels
+
+
 def fit(
     model: nn.Module,
     train_data: Any,
@@ -185,12 +209,7 @@ def fit(
     if objective.uses_outliers and outliers is None:
         raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
     outlier_source = None if outliers is None else as_outlier_source(outliers)
-    loader = _train_loader(train_data, model, batch_size, seed)
-    if not hasattr(loader, "__len__"):
-        raise TypeError("train_data must have a length (a DataLoader or a list of batches) to schedule the learning rate")
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError("train_data yielded no batches")
+    loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
     parameters = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     lr = DEFAULT_LR.get(optimizer, 0.1) if lr is None else lr
     opt = make_optimizer(parameters, optimizer, lr, weight_decay, momentum)
@@ -202,11 +221,7 @@ def fit(
         bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress is None else not progress)
         for images, labels in bar:
-            if labels is None:
-                raise ValueError("training batches need labels: pass (images, labels) batches")
-            images, labels = images.to(device), labels.to(device)
-            if augment:
-                images = random_crop_flip(images, generator)
+            images, labels = _training_batch(images, labels, device, augment, generator)
             outlier_images = None
             if outlier_source is not None:
                 outlier_images = outlier_source.next_batch(model, len(images)).to(device)
