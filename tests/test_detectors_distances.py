@@ -14,14 +14,11 @@ agreement with pytorch-ood where it defines the same score is checked in
 from __future__ import annotations
 
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy.optimize import brentq
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, weibull_min
@@ -36,6 +33,7 @@ from timm_ood.detectors.prototypes import LIBMR_TRANSLATION, WeibullFit, fit_wei
 from timm_ood.fitting import fit_detectors
 from timm_ood.testing import conformance_data, conformance_model
 
+from ._distributed import GLOO_AVAILABLE, gloo_process_group, run_two_ranks
 from ._models import batches, digits_split, noise_images
 
 CLASSES, CHANNELS, SIDE = 3, 4, 2
@@ -468,9 +466,7 @@ DISTRIBUTED = ("knn", "gram", "openmax", "vim")
 
 
 def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=300))
-    try:
+    with gloo_process_group(rank, init_file):
         assert gather_stacked(torch.tensor([rank, 10 + rank])).tolist() == [[0, 10], [1, 11]]
         assert gather_rows(torch.full((rank + 1, 2), rank)).tolist() == [[0, 0], [1, 1], [1, 1]]
         maps, labels = hand_made_data()
@@ -480,22 +476,11 @@ def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
             ood = timm_ood.wrap(FeatureModel(), name).fit(batches(maps[shard], labels[shard], 6), progress=False)
             states[name] = ood.detector.fitted_state()
         torch.save(states, Path(results_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="gloo backend unavailable")
+@pytest.mark.skipif(not GLOO_AVAILABLE, reason="gloo backend unavailable")
 def test_distributed_fits_equal_one_process_on_the_union(tmp_path: Path) -> None:
-    args = (str(tmp_path / "rendezvous"), str(tmp_path))
-    other_rank = mp.get_context("spawn").Process(target=distributed_worker, args=(1, *args))
-    other_rank.start()
-    try:
-        distributed_worker(0, *args)
-    finally:
-        other_rank.join(timeout=300)
-        if other_rank.is_alive():
-            other_rank.kill()
-    assert other_rank.exitcode == 0
+    run_two_ranks(distributed_worker, tmp_path)
     for name in DISTRIBUTED:
         expected = fit(name, batch_size=6).detector.fitted_state()
         for rank in range(2):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.metrics import (
     auc,
     average_precision_score,
@@ -42,6 +39,8 @@ from timm_ood.metrics import (
     ood_metrics,
     tnr_at_tpr,
 )
+
+from ._distributed import GLOO_AVAILABLE, gloo_process_group, run_two_ranks
 
 READINGS = ("id", "ood")
 METHODS = ("trapezoid", "ap")
@@ -499,14 +498,7 @@ def shard_of_rank(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=300),
-    )
-    try:
+    with gloo_process_group(rank, init_file):
         scores, is_ood = shard_of_rank(rank)
         collection = OODMetrics(positive="ood", method="ap")
         single = FPRAtTPR(0.9)
@@ -518,26 +510,11 @@ def distributed_worker(rank: int, init_file: str, results_dir: str) -> None:
         # The local state is restored after the sync and keeps accumulating.
         assert sum(len(batch) for batch in single.scores) == len(scores)
         torch.save(results, Path(results_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
-@pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="gloo backend unavailable"
-)
+@pytest.mark.skipif(not GLOO_AVAILABLE, reason="gloo backend unavailable")
 def test_distributed_compute_equals_single_process_on_the_union(tmp_path: Path) -> None:
-    # Rank 1 runs in a spawned process, rank 0 in this one (which has its
-    # imports done already, so the test stays fast).
-    args = (str(tmp_path / "rendezvous"), str(tmp_path))
-    other_rank = mp.get_context("spawn").Process(target=distributed_worker, args=(1, *args))
-    other_rank.start()
-    try:
-        distributed_worker(0, *args)
-    finally:
-        other_rank.join(timeout=300)
-        if other_rank.is_alive():
-            other_rank.kill()
-    assert other_rank.exitcode == 0
+    run_two_ranks(distributed_worker, tmp_path)
 
     shards = [shard_of_rank(rank) for rank in range(2)]
     union = (torch.cat([s for s, _ in shards]), torch.cat([y for _, y in shards]))
