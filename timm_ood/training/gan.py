@@ -406,7 +406,8 @@ def fit_joint_confidence(
         warmup_epochs: linear warm-up of all three rates.
         batch_size: used when ``train_data`` is a ``Dataset``.
         augment: random shifts and flips of the ID batch (as ``fit``).
-        seed: seeds initialisation, shuffling, augmentation and z.
+        seed: seeds the default G and D's initialisation, shuffling, augmentation and z (the
+            classifier's weights come from when it was created, as in ``fit``).
         eval_data: labelled batches to report accuracy on after each epoch.
         max_grad_norm: clip each step's gradient norm.
         progress: tqdm bars (default: on a terminal).

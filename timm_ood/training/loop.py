@@ -192,7 +192,9 @@ def fit(
         warmup_epochs: linear warm-up length in epochs.
         batch_size: used when ``train_data`` is a ``Dataset``.
         augment: random 2-pixel shifts and horizontal flips of the ID batch.
-        seed: seeds parameters' initial randomness, shuffling and augmentation.
+        seed: seeds the global generator for the run (dropout, drop-path), shuffling and
+            augmentation. The model's initial weights come from when it was created: seed
+            ``torch.manual_seed`` before ``timm.create_model`` to make them reproducible.
         eval_data: labelled batches to report accuracy on after each epoch.
         max_grad_norm: clip the gradient norm (off by default).
         progress: tqdm bars (default: on a terminal).
