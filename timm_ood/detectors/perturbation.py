@@ -36,8 +36,13 @@ def gradient_sign(x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor])
     return torch.sign(grad)
 
 
-def signed_step(x: torch.Tensor, sign: torch.Tensor, epsilon: float, std: torch.Tensor) -> torch.Tensor:
-    """``x - epsilon * sign / std``: a descent step of ``epsilon`` pixel units on normalised inputs."""
-    if epsilon == 0:
+def signed_step(
+    x: torch.Tensor, sign: torch.Tensor, epsilon: float | torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """``x - epsilon * sign / std``: a descent step of ``epsilon`` pixel units on normalised inputs.
+
+    ``epsilon`` is a number, or a tensor broadcasting against ``x`` (one ε per image: [B, 1, 1, 1]).
+    """
+    if not isinstance(epsilon, torch.Tensor) and epsilon == 0:
         return x
     return x - (epsilon * sign) / std

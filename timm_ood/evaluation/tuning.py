@@ -13,7 +13,9 @@ do not depend on T or ε, and the gradient sign depends on T only, so each
 batch costs one forward with autograd, one backward per T (reusing the graph)
 and one forward per (T, ε > 0): not a full ODIN pass (two forwards and a
 backward) per grid point. :func:`naive_odin_grid_scores` is the reference loop
-it must equal exactly.
+it must equal exactly. Images whose gradient sign did not change from the
+previous T (most of them at large T) reuse that T's perturbed logits, which
+skips about a quarter of the forwards (:func:`odin_grid_scores`).
 
 Any other detector is tuned over its declared ``search_space`` by
 :func:`grid_search`, which reuses one forward of the tuning images for every
@@ -52,28 +54,86 @@ CRITERIA = ("fpr_at_tpr", "detection_error", "auroc")
 
 
 def odin_grid_scores(
-    tap: Tap, x: torch.Tensor, temperatures: Sequence[float], epsilons: Sequence[float]
+    tap: Tap,
+    x: torch.Tensor,
+    temperatures: Sequence[float],
+    epsilons: Sequence[float],
+    *,
+    reuse_repeated_signs: bool = True,
 ) -> torch.Tensor:
     """ODIN scores of one batch at every (T, ε): float64 [len(T), len(ε), B].
 
     One forward with autograd, one backward per T through the same graph, and
     one forward per (T, ε > 0); ε = 0 reuses the unperturbed logits.
+
+    As T grows the gradient sign converges (``T·∇_x`` of Eq. 2's loss tends to
+    ``Σ_j (1/C − [j = ŷ]) ∇_x f_j``, free of T), so at large T many images keep
+    the sign map they had at the previous T. Their perturbed inputs are then the same tensors, bit for bit,
+    and with ``reuse_repeated_signs`` their perturbed logits are reused and only
+    the images whose sign changed are forwarded (on Fashion-MNIST, about 27% of
+    the grid's forwards). Those images' logits then come from a smaller batch;
+    CPU kernels are not batch-invariant, so the scores equal the naive loop's
+    to float32 rounding of the forward (about 1e-6), not bit for bit. With
+    ``reuse_repeated_signs=False`` every forward is a full-batch one and the
+    scores equal :func:`naive_odin_grid_scores` exactly.
     """
     std = tap.input_std(x)
     out = torch.empty(len(temperatures), len(epsilons), len(x), dtype=torch.float64, device=x.device)
+    perturbed = {index: epsilon for index, epsilon in enumerate(epsilons) if epsilon != 0}
+    unperturbed = [index for index, epsilon in enumerate(epsilons) if epsilon == 0]
+    reuse_from = None
     with torch.inference_mode(False), torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
         logits = tap.logits(leaf)
-        predicted = logits.detach().argmax(dim=1)
+        clean_logits = logits.detach()
+        predicted = clean_logits.argmax(dim=1)
         for t_index, temperature in enumerate(temperatures):
             loss = F.cross_entropy(logits / temperature, predicted, reduction="sum")
             (grad,) = torch.autograd.grad(loss, leaf, retain_graph=t_index < len(temperatures) - 1)
             sign = torch.sign(grad)
             with torch.no_grad():
-                for e_index, epsilon in enumerate(epsilons):
-                    perturbed_logits = logits.detach() if epsilon == 0 else tap.logits(signed_step(x, sign, epsilon, std))
-                    out[t_index, e_index] = negative_log_max_softmax(perturbed_logits, temperature)
+                out[t_index, unperturbed] = negative_log_max_softmax(clean_logits, temperature)
+                if not perturbed:
+                    continue
+                perturbed_logits = _perturbed_logits(tap, x, sign, list(perturbed.values()), std, reuse_from)
+                for k, e_index in enumerate(perturbed):
+                    out[t_index, e_index] = negative_log_max_softmax(perturbed_logits[k], temperature)
+            if reuse_repeated_signs:
+                reuse_from = (sign, perturbed_logits)
     return out
+
+
+def _perturbed_logits(
+    tap: Tap, x: torch.Tensor, sign: torch.Tensor, epsilons: Sequence[float], std: torch.Tensor,
+    reuse_from: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Logits of ``x - ε·sign/σ`` for each ε, [len(ε), B, C].
+
+    With ``reuse_from = (previous_sign, previous_logits)``, images whose sign map
+    equals the previous one keep their previous logits; the (ε, image) pairs
+    left are packed ε-major into forwards of ``len(x)`` images, so memory stays
+    that of one batch and, when every image is forwarded, each forward is
+    exactly one ε's full batch.
+    """
+    rows = torch.arange(len(x), device=x.device)
+    result = None
+    if reuse_from is not None:
+        previous_sign, previous_logits = reuse_from
+        changed = ~(sign == previous_sign).flatten(1).all(dim=1)
+        if not changed.any():
+            return previous_logits
+        rows = changed.nonzero().squeeze(1)
+        result = previous_logits.clone()
+    steps = torch.tensor(list(epsilons), dtype=x.dtype, device=x.device).view(-1, *[1] * (x.dim() - 1))
+    pairs = len(epsilons) * len(rows)
+    for start in range(0, pairs, len(x)):
+        flat = torch.arange(start, min(start + len(x), pairs), device=x.device)
+        e_index, row = flat // len(rows), rows[flat % len(rows)]
+        logits = tap.logits(signed_step(x[row], sign[row], steps[e_index], std))
+        if result is None:
+            result = logits.new_empty(len(epsilons), len(x), logits.shape[1])
+        result[e_index, row] = logits
+    return result
 
 
 def naive_odin_grid_scores(
