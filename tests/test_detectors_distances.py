@@ -28,6 +28,7 @@ import timm_ood
 from timm_ood.detectors import neighbours
 from timm_ood.detectors.classifier_geometry import vim_principal_dim
 from timm_ood.detectors.collect import gather_rows, gather_stacked
+from timm_ood.detectors.gram import _merge_two_smallest, _two_smallest
 from timm_ood.detectors.neighbours import faiss_available
 from timm_ood.detectors.prototypes import LIBMR_TRANSLATION, WeibullFit, fit_weibull
 from timm_ood.fitting import fit_detectors
@@ -390,6 +391,19 @@ def gram_values(maps: torch.Tensor, max_power: int) -> np.ndarray:
         sums = np.stack([(f ** power @ (f ** power).T).sum(1) for f in flat])
         rows.append(np.sign(sums) * np.abs(sums) ** (1 / power))
     return np.concatenate(rows, axis=1)
+
+
+def test_gram_order_statistics_stream_like_a_sort_of_everything() -> None:
+    """Per class and column, the two smallest values (a repeated minimum counts twice), merged batch by batch."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 6, (300, 7), generator=generator).to(torch.float64)  # many ties
+    groups = torch.randint(0, 4, (300,), generator=generator)
+    groups[groups == 3] = 2  # class 3 never occurs: +inf
+    streamed = _merge_two_smallest(*[_two_smallest(values[i:i + 37], groups[i:i + 37], 4) for i in range(0, 300, 37)])
+    for group in range(4):
+        members = values[groups == group]
+        expected = members.sort(dim=0).values[:2] if len(members) >= 2 else torch.full((2, 7), torch.inf)
+        assert torch.equal(streamed[:, group], expected), group
 
 
 def deviation(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
