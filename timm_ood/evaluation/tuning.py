@@ -68,10 +68,10 @@ def odin_grid_scores(
 
     As T grows the gradient sign converges (``T·∇_x`` of Eq. 2's loss tends to
     ``Σ_j (1/C − [j = ŷ]) ∇_x f_j``, free of T), so at large T many images keep
-    the sign map they had at the previous T. Their perturbed inputs are then the same tensors, bit for bit,
-    and with ``reuse_repeated_signs`` their perturbed logits are reused and only
-    the images whose sign changed are forwarded (on Fashion-MNIST, about 27% of
-    the grid's forwards). Those images' logits then come from a smaller batch;
+    the sign map they had at the previous T. Their perturbed inputs are then
+    the same tensors, bit for bit, and with ``reuse_repeated_signs`` their
+    perturbed logits are reused and only the images whose sign changed are
+    forwarded (on Fashion-MNIST, about 27% of the grid's forwards). Those images' logits then come from a smaller batch;
     CPU kernels are not batch-invariant, so the scores equal the naive loop's
     to float32 rounding of the forward (about 1e-6), not bit for bit. With
     ``reuse_repeated_signs=False`` every forward is a full-batch one and the
@@ -79,7 +79,7 @@ def odin_grid_scores(
     """
     std = tap.input_std(x)
     out = torch.empty(len(temperatures), len(epsilons), len(x), dtype=torch.float64, device=x.device)
-    perturbed = {index: epsilon for index, epsilon in enumerate(epsilons) if epsilon != 0}
+    perturbed = [index for index, epsilon in enumerate(epsilons) if epsilon != 0]
     unperturbed = [index for index, epsilon in enumerate(epsilons) if epsilon == 0]
     reuse_from = None
     with torch.inference_mode(False), torch.enable_grad():
@@ -95,9 +95,9 @@ def odin_grid_scores(
                 out[t_index, unperturbed] = negative_log_max_softmax(clean_logits, temperature)
                 if not perturbed:
                     continue
-                perturbed_logits = _perturbed_logits(tap, x, sign, list(perturbed.values()), std, reuse_from)
-                for k, e_index in enumerate(perturbed):
-                    out[t_index, e_index] = negative_log_max_softmax(perturbed_logits[k], temperature)
+                perturbed_logits = _perturbed_logits(tap, x, sign, [epsilons[i] for i in perturbed], std, reuse_from)
+                out[t_index, perturbed] = negative_log_max_softmax(perturbed_logits.flatten(0, 1), temperature) \
+                    .view(len(perturbed), len(x))
             if reuse_repeated_signs:
                 reuse_from = (sign, perturbed_logits)
     return out
