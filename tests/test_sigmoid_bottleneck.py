@@ -219,29 +219,32 @@ def test_bin_score_is_minus_log_max_sigmoid() -> None:
     assert scores.dtype == torch.float64 and torch.allclose(scores, expected)
 
 
-def test_vib_score_is_the_kl_to_the_prior() -> None:
+def bottleneck_posterior(kind: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    """An untrained test_resnet with a ``kind`` head whose priors are moved off the origin, five noise
+    images, and the head's posterior for them: ``(model, head, images, mean, log_variance)``."""
     torch.manual_seed(0)
     model = create("test_resnet").eval()
-    head = training.replace_head(model, "vib")
+    head = training.replace_head(model, kind)
     with torch.no_grad():
         head.prior_mean.normal_()
     images = torch.randn(5, 1, 32, 32)
     with torch.no_grad():
         mean, log_variance = head.posterior(model.forward_head(model.forward_features(images), pre_logits=True))
+    return model, head, images, mean, log_variance
+
+
+def test_vib_score_is_the_kl_to_the_prior() -> None:
+    model, head, images, mean, log_variance = bottleneck_posterior("vib")
+    with torch.no_grad():
         expected = training.gaussian_kl(mean.double(), log_variance.double(), head.prior_mean[0].double(),
                                         head.prior_log_variance[0].double())
     assert torch.allclose(timm_ood.wrap(model, "vib").ood_score(images), expected)
 
 
 def test_viby_scores_by_hand() -> None:
-    torch.manual_seed(0)
-    model = create("test_resnet").eval()
-    head = training.replace_head(model, "viby")
+    model, head, images, mean, log_variance = bottleneck_posterior("viby")
     with torch.no_grad():
-        head.prior_mean.normal_()
-    images = torch.randn(5, 1, 32, 32)
-    with torch.no_grad():
-        mean, log_variance = head.posterior(model.forward_head(model.forward_features(images), pre_logits=True))
         kl = head.kl_to_priors(mean.double(), log_variance.double())
         probabilities = torch.softmax(model(images).double(), dim=1)
     assert torch.allclose(timm_ood.wrap(model, "viby-1").ood_score(images), (probabilities * kl).sum(1))
