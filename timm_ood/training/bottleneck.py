@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import HEAD_KINDS, ReplacementHead
+from .heads import HEAD_KINDS, ReplacementHead, installed_head, pre_logits
 from .objectives import Objective
-from .sigmoid_heads import installed_head, pre_logits
 
 __all__ = ["GaussianBottleneckHead", "VIBHead", "VIBLoss", "VIBYHead", "VIBYLoss", "gaussian_kl"]
 

@@ -26,7 +26,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["HEAD_ATTRIBUTE", "HEAD_KINDS", "IsoMaxHead", "ReplacementHead", "head_spec", "replace_head"]
+from ..errors import IncompatibleModelError
+
+__all__ = ["HEAD_ATTRIBUTE", "HEAD_KINDS", "IsoMaxHead", "ReplacementHead", "head_spec", "installed_head", "pre_logits",
+           "replace_head"]
 
 #: the model attribute recording the replaced head: ``{"kind": ..., "options": {...}}``
 HEAD_ATTRIBUTE = "timm_ood_head"
@@ -110,6 +113,27 @@ class IsoMaxHead(ReplacementHead):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.out_features}, eps={self.eps:g}"
+
+
+def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pre-logits features through timm's contract: ``forward_head(forward_features(x), pre_logits=True)``."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def installed_head(model: nn.Module, kinds: tuple[type[ReplacementHead], ...], who: str) -> ReplacementHead:
+    """``model.get_classifier()`` if it is one of ``kinds``.
+
+    Raises:
+        IncompatibleModelError: the model has another classifier (or none).
+    """
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, kinds):
+        names = " or ".join(repr(kind.kind) for kind in kinds)
+        raise IncompatibleModelError(
+            f"{who} trains a model whose head is {names}, but {type(model).__name__}'s classifier is a "
+            f"{type(classifier).__name__}; call training.replace_head(model, {kinds[0].kind!r}) before training"
+        )
+    return classifier
 
 
 #: head kinds :func:`replace_head` knows, by name; ``"linear"`` restores a plain ``nn.Linear``. The modules

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IncompatibleModelError
-from .heads import HEAD_KINDS, ReplacementHead
+from .heads import HEAD_KINDS, ReplacementHead, installed_head, pre_logits
 from .objectives import Objective
 
 __all__ = [
@@ -194,27 +193,6 @@ def mmce_weighted(confidence: torch.Tensor, correct: torch.Tensor, bandwidth: fl
     defined = (count_correct > 0) & (count_wrong > 0)
     value = torch.where(defined, squared.clamp_min(1e-10).sqrt(), torch.zeros_like(squared))
     return value[0] if single else value
-
-
-def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The pre-logits features through timm's contract: ``forward_head(forward_features(x), pre_logits=True)``."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def installed_head(model: nn.Module, kinds: tuple[type[ReplacementHead], ...], who: str) -> ReplacementHead:
-    """``model.get_classifier()`` if it is one of ``kinds``.
-
-    Raises:
-        IncompatibleModelError: the model has another classifier (or none).
-    """
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(classifier, kinds):
-        names = " or ".join(repr(kind.kind) for kind in kinds)
-        raise IncompatibleModelError(
-            f"{who} trains a model whose head is {names}, but {type(model).__name__}'s classifier is a "
-            f"{type(classifier).__name__}; call training.replace_head(model, {kinds[0].kind!r}) before training"
-        )
-    return classifier
 
 
 class BINLoss(Objective):
