@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._runtime import eval_mode, model_device, model_dtype
-from .batches import check_images, iter_batches
+from .batches import check_class_labels, check_images, iter_batches
 from .detectors.base import Detector
 from .tap import Tap
 
@@ -74,6 +74,7 @@ def fit_detectors(
             else:
                 detector.finish_fit()
                 detector.is_fitted = True
+                detector.record_fingerprint(tap.model)  # what the state describes (timm_ood.fingerprint)
             times.detector_seconds[index] += time.perf_counter() - start
     return times
 
@@ -86,6 +87,7 @@ def _fit_pass(
     needs = frozenset().union(*(d.requirements.outputs_for_fit for _, d in active))
     device, dtype = model_device(tap.model), model_dtype(tap.model)
     names = ", ".join(d.name for _, d in active)
+    labelled = [d.name for _, d in active if d.requirements.fit_labels]
     description = f"fit {names}" + (f" (pass {pass_index + 1}/{passes})" if passes > 1 else "")
     batches = 0
     with eval_mode(tap.model), torch.no_grad():
@@ -94,6 +96,9 @@ def _fit_pass(
                                    disable=None if progress is None else not progress, leave=False):
             images = check_images(images, tap).to(device=device, dtype=dtype)
             if labels is not None:
+                if labelled:
+                    who = f"fitting {', '.join(map(repr, labelled))}"
+                    check_class_labels(labels, len(images), tap.head_info.num_classes, who)
                 labels = labels.to(device)
             start = time.perf_counter()
             outputs = tap(images, needs)

@@ -5,6 +5,11 @@ A file holds the detector's buffers under their names, optional extra tensors
 and metadata naming the detector and its hyperparameters (JSON). Loading
 creates the detector by its registered name and installs the tensors: nothing
 in the file is executed.
+
+The metadata also holds the fingerprint of the model the detector was fitted
+on (``timm_ood.model_fingerprint``, JSON; :mod:`timm_ood.fingerprint`), which
+:meth:`timm_ood.OODModel.load_detector` compares with the model it loads into.
+Files written before fingerprints existed lack it and load with a warning.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from safetensors.torch import save_file
 
 from .detectors import create_detector
 from .detectors.base import Detector
+from .fingerprint import ModelFingerprint
 
-__all__ = ["load_detector", "save_detector"]
+__all__ = ["FINGERPRINT_METADATA", "load_detector", "save_detector"]
 
 FORMAT_VERSION = "1"
 _EXTRA_PREFIX = "__timm_ood__."
+#: the metadata key of the fitted model's fingerprint (JSON)
+FINGERPRINT_METADATA = "timm_ood.model_fingerprint"
 
 
 def save_detector(
@@ -33,7 +41,7 @@ def save_detector(
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a detector's fitted state and hyperparameters to a safetensors file."""
+    """Write a detector's fitted state, hyperparameters and model fingerprint to a safetensors file."""
     tensors = {name: t.detach().cpu().clone().contiguous() for name, t in detector.fitted_state().items()}
     for name, t in (extra_tensors or {}).items():
         tensors[_EXTRA_PREFIX + name] = t.detach().cpu().clone().contiguous()
@@ -46,12 +54,17 @@ def load_detector(
 ) -> tuple[Detector, dict[str, torch.Tensor], dict[str, str]]:
     """Read a file written by :func:`save_detector`.
 
+    This does not know the model the detector will score with:
+    :meth:`timm_ood.OODModel.load_detector` checks it against the file's fingerprint.
+
     Returns:
         ``(detector, extra_tensors, metadata)``; the detector is created by its
-        registered name with the saved hyperparameters and holds the saved state.
+        registered name with the saved hyperparameters and holds the saved state
+        and the fingerprint of the model it was fitted on
+        (``detector.model_fingerprint``, None for files without one).
 
     Raises:
-        ValueError: the file is not a timm-ood detector file.
+        ValueError: the file is not a timm-ood detector file, or its fingerprint is malformed.
     """
     with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
@@ -65,4 +78,10 @@ def load_detector(
     if state or metadata.get("timm_ood.fitted") == "1":
         detector.load_fitted_state(state, device=device)
     detector.is_fitted = metadata.get("timm_ood.fitted") == "1"
+    if FINGERPRINT_METADATA in metadata:
+        try:
+            fingerprint = ModelFingerprint.from_json(metadata[FINGERPRINT_METADATA])
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)!r} holds a malformed model fingerprint: {error}") from error
+        detector._set_fingerprint(fingerprint)
     return detector, extras, metadata

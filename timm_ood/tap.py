@@ -37,7 +37,7 @@ from torch import nn
 from .errors import IncompatibleModelError
 from .model_info import input_channels, normalization
 
-__all__ = ["HeadInfo", "Need", "Outputs", "Tap"]
+__all__ = ["HeadInfo", "Need", "Outputs", "Tap", "fixed_input_size", "no_classifier_error"]
 
 
 class Need(str, enum.Enum):
@@ -64,6 +64,37 @@ class HeadInfo:
     @property
     def is_linear(self) -> bool:
         return self.kind == "linear"
+
+
+def no_classifier_error(who: str) -> IncompatibleModelError:
+    """The one error for anything that reads the classifier of a model created with ``num_classes=0``."""
+    return IncompatibleModelError(
+        f"{who} needs the model's classifier (its logits), but the model has no classifier "
+        "(num_classes=0). Create it with num_classes=<classes> (or model.reset_classifier(<classes>)), "
+        "or use a feature detector such as 'mahalanobis'."
+    )
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(height, width)`` a model only accepts, or None when it takes other sizes.
+
+    Read from timm's patch embedding (``model.patch_embed``, TNT's
+    ``model.pixel_embed``): an ``img_size`` with ``strict_img_size`` on, and
+    ``dynamic_img_size`` off on the model. A single module is inspected; a
+    list of embeddings (CrossViT rescales its inputs itself) is skipped.
+    """
+    if getattr(model, "dynamic_img_size", False):
+        return None
+    for attribute in ("patch_embed", "pixel_embed"):
+        embed = getattr(model, attribute, None)
+        if not isinstance(embed, nn.Module):
+            continue
+        size = getattr(embed, "img_size", None)
+        if size is None or not getattr(embed, "strict_img_size", True):
+            return None
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(size[0]), int(size[1])) if len(size) == 2 else None
+    return None
 
 
 def _has_timm_contract(model: nn.Module) -> bool:
@@ -192,6 +223,14 @@ class Tap:
                 self._input_channels = None
         return self._input_channels  # type: ignore[return-value]
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The ``(height, width)`` the model requires (ViTs with a strict size), or None (see :func:`fixed_input_size`).
+
+        Read on every call: ``model.set_input_size(...)`` may change it.
+        """
+        return fixed_input_size(self.model)
+
     def input_std(self, like: torch.Tensor) -> torch.Tensor:
         """The model's per-channel normalisation std as a [C,1,1] tensor like ``like``.
 
@@ -214,11 +253,7 @@ class Tap:
                 "available. Use a timm model, or a logit detector such as 'msp' or 'energy'."
             )
         if kind == "none" and Need.LOGITS in needs:
-            raise IncompatibleModelError(
-                f"{who} needs logits, but the model has no classifier (num_classes=0). Create it "
-                "with num_classes=<classes> (or model.reset_classifier(<classes>)), or use a "
-                "feature detector such as 'mahalanobis'."
-            )
+            raise no_classifier_error(who)
         if Need.INTERMEDIATES in needs and not hasattr(self.model, "forward_intermediates"):
             raise IncompatibleModelError(
                 f"{who} needs intermediate features, but {type(self.model).__name__} has no "
@@ -232,10 +267,11 @@ class Tap:
             IncompatibleModelError: the head is not one linear layer (distilled
                 models, MLP heads, ``num_classes=0``).
         """
+        if self.head_info.kind == "none":
+            raise no_classifier_error(who)
         if not self.head_info.is_linear:
             reason = {
                 "distilled": "a distilled model with two heads (their logits are averaged)",
-                "none": "a model without classifier (num_classes=0)",
                 "opaque": "a model without timm's get_classifier()",
             }.get(self.head_info.kind, "a model whose classifier is not one nn.Linear over the pre-logits")
             raise IncompatibleModelError(
@@ -256,6 +292,8 @@ class Tap:
 
     def classify(self, pre_logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from pre-logits (linear head), or from ``forward_head(features)`` otherwise."""
+        if self.head_info.kind == "none":
+            raise no_classifier_error("the tap")
         if self.head_info.is_linear:
             weight, bias = self.linear_classifier("the tap")
             return F.linear(pre_logits, weight, bias)
@@ -267,7 +305,14 @@ class Tap:
         return self.head(features)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a fresh forward pass (with autograd if enabled), as timm computes them."""
+        """Logits of a fresh forward pass (with autograd if enabled), as timm computes them.
+
+        Raises:
+            IncompatibleModelError: the model has no classifier (``forward_head``
+                would return pooled features, not logits).
+        """
+        if self.head_info.kind == "none":
+            raise no_classifier_error("the tap")
         if self.head_info.kind == "opaque":
             return self.model(x)
         return self.head(self.features(x))

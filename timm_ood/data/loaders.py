@@ -24,7 +24,47 @@ from .transforms import ModelTransform, UndecodableImageError
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-__all__ = ["make_loader"]
+__all__ = ["check_columns", "make_loader"]
+
+_INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+
+
+def check_columns(dataset: Dataset | IterableDataset, name: str) -> None:
+    """Refuse a dataset without an ``image`` column or an integer ``label`` column, saying how to fix it.
+
+    Streams whose features are unknown are checked batch by batch by :class:`ModelTransform`.
+
+    Raises:
+        ValueError: a column is missing.
+        TypeError: the ``label`` column is not integer (strings, floats, ...).
+    """
+    from datasets import ClassLabel, Value
+
+    features = dataset.features
+    if features is None:
+        return
+    columns = ", ".join(map(repr, features)) or "(none)"
+    if "image" not in features:
+        raise ValueError(
+            f"dataset {name!r} has no 'image' column (its columns: {columns}); rename the image column: "
+            "dataset = dataset.rename_column('<image column>', 'image')"
+        )
+    if "label" not in features:
+        raise ValueError(
+            f"dataset {name!r} has no 'label' column (its columns: {columns}); the loader yields (images, "
+            "labels). Rename the class column: dataset = dataset.rename_column('<label column>', 'label'), or "
+            "for an unlabelled OOD set add the OOD label: dataset = dataset.add_column('label', [-1] * len(dataset))"
+        )
+    label = features["label"]
+    if isinstance(label, ClassLabel) or (isinstance(label, Value) and label.dtype in _INTEGER_DTYPES):
+        return
+    described = f"{label.dtype} values" if isinstance(label, Value) else f"a {type(label).__name__} feature"
+    raise TypeError(
+        f"the 'label' column of dataset {name!r} holds {described}, not integer class indices (its columns: "
+        f"{columns}). Encode it: dataset = dataset.class_encode_column('label') for class names, or "
+        "dataset.cast_column('label', ClassLabel(names=[...])) / dataset.cast_column('label', Value('int64')) "
+        "for whole numbers stored as floats"
+    )
 
 
 class _IndexedBatches(torch.utils.data.Dataset):
@@ -108,6 +148,8 @@ def make_loader(
             (``input_size``, ``crop_pct``, ``mean``, ``std``, ``interpolation``).
 
     Raises:
+        ValueError / TypeError: no ``image`` or ``label`` column, or a ``label``
+            column that is not integer (see :func:`check_columns`).
         EmptyDatasetError: the dataset has no examples.
         ValueError: ``shuffle`` on a stream (shuffle it with ``dataset.shuffle(seed, buffer_size)``).
         CorruptImageError: while iterating, an image cannot be decoded.
@@ -115,6 +157,7 @@ def make_loader(
     from datasets import IterableDataset
 
     name = name or getattr(dataset.info, "dataset_name", None) or "dataset"
+    check_columns(dataset, name)
     transform = ModelTransform(model, **config_overrides)
     if isinstance(dataset, IterableDataset):
         if shuffle:

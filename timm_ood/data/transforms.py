@@ -127,7 +127,23 @@ class ModelTransform:
         return torch.from_numpy(batch)
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
-        return {
-            "images": self.images(batch["image"]),
-            "labels": torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)),
-        }
+        """``{"images", "labels"}`` of a batch with ``image`` and integer ``label`` columns.
+
+        Raises:
+            ValueError: a column is missing (the message names the columns found).
+            TypeError: labels that are not integers (class names, floats).
+        """
+        missing = [column for column in ("image", "label") if column not in batch]
+        if missing:
+            raise ValueError(
+                f"the batch has no {' or '.join(map(repr, missing))} column (its columns: "
+                f"{', '.join(map(repr, batch)) or '(none)'}); rename them with dataset.rename_column(old, new)"
+            )
+        labels = np.asarray(batch["label"])
+        if labels.size and labels.dtype.kind not in "iu":
+            raise TypeError(
+                f"labels must be integer class indices, got {labels.dtype} values such as {labels.ravel()[:3].tolist()}; "
+                "encode the 'label' column: dataset.class_encode_column('label') for class names, or "
+                "dataset.cast_column('label', Value('int64')) for whole numbers stored as floats"
+            )
+        return {"images": self.images(batch["image"]), "labels": torch.as_tensor(labels.astype(np.int64, copy=False))}

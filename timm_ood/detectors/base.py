@@ -14,12 +14,18 @@ A detector whose fit reads what an earlier pass fitted declares
 :meth:`Detector.next_fit_pass`.
 Several detectors fit together in one pass over the data
 (:func:`timm_ood.fitting.fit_detectors`).
+
+A finished fit records the model's fingerprint (:mod:`timm_ood.fingerprint`):
+it travels with the state (safetensors metadata, a ``_model_fingerprint`` uint8
+tensor in ``state_dict``), and loading or scoring with another model raises
+:class:`~timm_ood.errors.IncompatibleModelError` instead of giving numbers.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import NotFittedError
+from ..errors import IncompatibleModelError, NotFittedError
+from ..fingerprint import (
+    PRECISIONS,
+    ModelFingerprint,
+    classifier_token,
+    incompatibility,
+    model_fingerprint,
+    same_structure,
+)
 from ..tap import Need, Outputs, Tap
 
 __all__ = ["Detector", "Requirements", "all_reduce_sum", "score_dtype"]
@@ -79,6 +93,16 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+#: the ``state_dict`` key (under the detector's prefix) holding its model fingerprint
+FINGERPRINT_KEY = "_model_fingerprint"
+REFIT = ("Fit the detector again on this model with model.fit(id_train_loader), or load the state into "
+         "the model it was fitted on.")
+_SCORE_FIX = ("Fit it again on the model as it is now with model.fit(id_train_loader), or restore the "
+              "weights it was fitted on.")
+_SCORE_HATCH = ("If the change keeps the fitted state valid, accept it with "
+                "model.detector.accept_model(model.model) and score again.")
+
+
 class Detector(nn.Module, metaclass=ABCMeta):
     """Base class of every OOD detector, built-in or from a plugin.
 
@@ -106,6 +130,9 @@ class Detector(nn.Module, metaclass=ABCMeta):
     def __init__(self) -> None:
         super().__init__()
         self.is_fitted = False
+        self._model_fingerprint: ModelFingerprint | None = None
+        self._fingerprint_checked: tuple | None = None  # classifier token last found compatible
+        self._accepted_fingerprint: ModelFingerprint | None = None  # accept_model()'s model
 
     # -- hyperparameters ----------------------------------------------------
     @classmethod
@@ -149,10 +176,20 @@ class Detector(nn.Module, metaclass=ABCMeta):
 
     # -- the model ----------------------------------------------------------
     def check_model(self, tap: Tap) -> None:
-        """Raise :class:`~timm_ood.errors.IncompatibleModelError` if the model cannot serve this detector."""
+        """Raise :class:`~timm_ood.errors.IncompatibleModelError` if the model cannot serve this detector.
+
+        Reading the linear classifier implies reading logits, and so does
+        running its own input-gradient passes while reading nothing from the
+        shared forward (ODIN): on a model without classifier all of them get
+        the tap's one ``num_classes=0`` error.
+        """
         who = f"detector {self.name!r}"
-        tap.check_available(self.requirements.outputs | self.requirements.outputs_for_fit, who)
-        if self.requirements.linear_classifier:
+        requirements = self.requirements
+        needs = requirements.outputs | requirements.outputs_for_fit
+        if requirements.linear_classifier or (requirements.input_gradients and not needs):
+            needs = needs | {Need.LOGITS}
+        tap.check_available(needs, who)
+        if requirements.linear_classifier:
             tap.linear_classifier(who)
 
     # -- fitting --------------------------------------------------------------
@@ -177,6 +214,9 @@ class Detector(nn.Module, metaclass=ABCMeta):
     def forward(self, outputs: Outputs) -> torch.Tensor:
         """:meth:`score` with the contract checked: fitted, shape [B], no NaN."""
         self.check_fitted()
+        tap = getattr(outputs, "tap", None)
+        if tap is not None:
+            self._check_scoring_model(tap.model)
         scores = self.score(outputs)
         batch = outputs.batch_size
         if scores.shape != (batch,):
@@ -200,6 +240,78 @@ class Detector(nn.Module, metaclass=ABCMeta):
                 "in-distribution training data (or load a fitted state with load_detector) "
                 "before scoring"
             )
+
+    # -- the model it was fitted on -------------------------------------------------
+    @property
+    def model_fingerprint(self) -> ModelFingerprint | None:
+        """What the fitted state was fitted on (recorded when a fit finishes); None when unknown."""
+        return self.__dict__.get("_model_fingerprint")
+
+    def record_fingerprint(self, model: nn.Module) -> None:
+        """Remember ``model`` as the one the fitted state describes (``fit_detectors`` calls it after
+        ``finish_fit``; detectors without a fit have no model-dependent state and record nothing)."""
+        self._set_fingerprint(model_fingerprint(model, precisions=PRECISIONS) if self.requirements.fit else None)
+
+    def _set_fingerprint(self, fingerprint: ModelFingerprint | None) -> None:
+        self._model_fingerprint = fingerprint
+        self._fingerprint_checked = None
+        self._accepted_fingerprint = None
+
+    def check_fingerprint(
+        self, model: nn.Module, *, weights: bool = False, strict: bool = True, fix: str = REFIT, hatch: str = ""
+    ) -> None:
+        """Raise if the detector was fitted on another model than ``model`` (a no-op when unknown).
+
+        Args:
+            model: the model the detector is about to score with.
+            weights: also compare the digest of all the model's weights (costly, see
+                :mod:`timm_ood.fingerprint`); otherwise the structure and the classifier.
+            strict: False only warns (and accepts the model) when the weights differ;
+                another class count, feature width or input channel count always raises.
+            fix, hatch: the sentences of the message that say how to fix it / go on anyway.
+
+        Raises:
+            IncompatibleModelError: saying what differs and how to fix it.
+        """
+        recorded = self.model_fingerprint
+        if recorded is None or not self.requirements.fit:
+            return
+        found = incompatibility(recorded, model_fingerprint(model, weights=weights),
+                                who=f"detector {self.name!r}", fix=fix, hatch=hatch if strict else "")
+        if found is None:
+            self._fingerprint_checked = classifier_token(model)
+        elif strict or found.shapes:
+            raise IncompatibleModelError(found.message)
+        else:
+            warnings.warn(f"{found.message} Loaded anyway (strict=False): its scores may be meaningless.",
+                          UserWarning, stacklevel=4)
+            self.accept_model(model)
+
+    def accept_model(self, model: nn.Module) -> None:
+        """Score with ``model`` although it is not (or no longer) the model of the fit.
+
+        The escape hatch after fine-tuning or loading other weights when the fitted
+        state is known to stay valid. It accepts the model's classifier as it is
+        now; a later change to it is checked again.
+        """
+        self._accepted_fingerprint = model_fingerprint(model, precisions=PRECISIONS, weights=False)
+        self._fingerprint_checked = classifier_token(model)
+
+    def _check_scoring_model(self, model: nn.Module) -> None:
+        """Score-time check: a token compare; the classifier digest only after the classifier changed."""
+        recorded = self.__dict__.get("_model_fingerprint")
+        if recorded is None or not self.requirements.fit:
+            return
+        token = classifier_token(model)
+        if token == self._fingerprint_checked:
+            return
+        current = model_fingerprint(model, weights=False)
+        found = incompatibility(recorded, current, who=f"detector {self.name!r}", fix=_SCORE_FIX,
+                                hatch=_SCORE_HATCH)
+        accepted = self._accepted_fingerprint
+        if found is not None and (accepted is None or incompatibility(accepted, current, who="", fix="")):
+            raise IncompatibleModelError(found.message)
+        self._fingerprint_checked = token
 
     # -- state --------------------------------------------------------------------
     def fitted_state(self) -> dict[str, torch.Tensor]:
@@ -230,16 +342,75 @@ class Detector(nn.Module, metaclass=ABCMeta):
             owner = self.get_submodule(owner_name) if owner_name else self
             owner._buffers[leaf] = tensor if device is None else tensor.to(device)
         self.is_fitted = True
+        self._set_fingerprint(None)  # unknown until the caller restores it (load_detector does)
 
     def _declared_buffers(self):
         for module_name, module in self.named_modules():
             for leaf in module._buffers:
                 yield (f"{module_name}.{leaf}" if module_name else leaf), module
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.model_fingerprint is not None:
+            destination[prefix + FINGERPRINT_KEY] = self.model_fingerprint.to_tensor()
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """torch's loading, plus: unfitted (``None``) buffers take the loaded tensors, a shape that
+        differs raises :class:`~timm_ood.errors.IncompatibleModelError` naming the buffer, and the
+        model fingerprint travels with the state."""
+        key = prefix + FINGERPRINT_KEY
+        incoming = ModelFingerprint.from_tensor(state_dict[key]) if key in state_dict else None
+        loads_state = incoming is not None
+        installed = False
+        for name, module in self._declared_buffers():
+            leaf = name.rpartition(".")[2]
+            tensor = state_dict.get(prefix + name)
+            if not isinstance(tensor, torch.Tensor) or leaf in module._non_persistent_buffers_set:
+                continue
+            loads_state = True
+            current = module._buffers[leaf]
+            if current is None:
+                module._buffers[leaf] = tensor.detach().clone()  # torch's copy below then matches
+                installed = True
+            elif current.shape != tensor.shape:
+                own = self.model_fingerprint
+                if incoming is None or own is None or not same_structure(incoming, own):
+                    raise IncompatibleModelError(self._shape_message(name, tensor.shape, current.shape, incoming))
+                # the same model fitted on other data (a kNN bank of another size): take it whole
+                module._buffers[leaf] = tensor.detach().clone().to(current.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if loads_state:
+            self._set_fingerprint(incoming)
+            if incoming is not None or installed:
+                self.is_fitted = True
+
+    def _shape_message(
+        self, name: str, loaded: torch.Size, here: torch.Size, incoming: ModelFingerprint | None
+    ) -> str:
+        own = self.model_fingerprint
+        origin = []
+        if incoming is not None:
+            origin.append(f"the loaded state was fitted on {incoming.describe(channels=True)}")
+        if own is not None:
+            origin.append(f"this detector was fitted on {own.describe(channels=True)}")
+        why = f" ({'; '.join(origin)})" if origin else ""
+        return (f"detector {self.name!r} cannot load its fitted state {name!r}: it has shape {tuple(loaded)} in "
+                f"the loaded state but {tuple(here)} in this detector, so it was fitted on another model or "
+                f"with other settings{why}. {REFIT}")
+
     def metadata(self) -> dict[str, str]:
-        """String metadata saved next to the state: name, hyperparameters, fitted flag."""
-        return {
+        """String metadata saved next to the state: name, hyperparameters, fitted flag, model fingerprint."""
+        metadata = {
             "timm_ood.detector": self.name,
             "timm_ood.hyperparameters": json.dumps(self.hyperparameters(), default=list),
             "timm_ood.fitted": "1" if self.is_fitted else "0",
         }
+        if self.model_fingerprint is not None:
+            metadata["timm_ood.model_fingerprint"] = self.model_fingerprint.to_json()
+        return metadata

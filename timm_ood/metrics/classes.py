@@ -152,13 +152,17 @@ class _OODScoreMetric(Metric):
             A 0-dim float64 tensor.
         """
 
-    def _curve_of_state(self) -> OODCurve:
-        """The curve of the current state: local, or gathered inside a sync context."""
+    def _curve_of_state(self, metric_name: str | None = None) -> OODCurve:
+        """The curve of the current state: local, or gathered inside a sync context.
+
+        ``metric_name`` names the metric in errors (default: this class; ``OODMetrics`` passes its own).
+        """
+        metric_name = metric_name or type(self).__name__
         if isinstance(self.scores, list) and not self.scores:
-            raise ValueError(f"{type(self).__name__}: no samples; call update() before compute()")
+            raise ValueError(f"{metric_name}: no samples; call update() before compute()")
         # The state holds validated, flattened batches.
         scores, is_ood = dim_zero_cat(self.scores), dim_zero_cat(self.is_ood)
-        return _curve_from_validated(scores, is_ood, type(self).__name__)
+        return _curve_from_validated(scores, is_ood, metric_name)
 
 
 class AUROC(_OODScoreMetric):
@@ -411,7 +415,7 @@ class OODMetrics(MetricCollection):
             process_group=holder.process_group,
             should_sync=holder.sync_on_compute,
         ):
-            curve = holder._curve_of_state()
+            curve = holder._curve_of_state(type(self).__name__)
         return self._from_curve(curve)
 
     def forward(self, scores: Tensor, is_ood: Tensor) -> dict[str, Tensor]:

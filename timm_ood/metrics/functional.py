@@ -126,20 +126,43 @@ def _check_params(
             raise ValueError(f"{metric_name}: {name} must be one of {valid}, got {value!r}")
 
 
+def _as_tensor(value: object, name: str, metric_name: str) -> Tensor:
+    """``value`` as a tensor: tensors as they are, numpy arrays and lists of numbers converted."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"{metric_name}: {name} must be a tensor (or an array / list of numbers), got "
+            f"{type(value).__name__} ({error}); convert it with torch.as_tensor"
+        ) from None
+
+
 def _validate_inputs(scores: Tensor, is_ood: Tensor, metric_name: str) -> tuple[Tensor, Tensor]:
     """Check one batch and return it flattened: scores as given, ``is_ood`` as bool.
 
+    The one validation of the functional metrics and the metric classes.
+
     Raises:
+        TypeError: If an input is not a tensor, array or list of numbers.
         ValueError: If the shapes differ, the scores are not real numbers or
             contain NaN, or ``is_ood`` holds values other than 0 and 1.
     """
+    scores = _as_tensor(scores, "scores", metric_name)
+    is_ood = _as_tensor(is_ood, "is_ood", metric_name)
     if scores.shape != is_ood.shape:
         raise ValueError(
-            f"{metric_name}: scores and is_ood must have the same shape, "
+            f"{metric_name}: scores and is_ood must have the same shape (one label per score), "
             f"got {tuple(scores.shape)} and {tuple(is_ood.shape)}"
         )
     if scores.is_complex() or scores.dtype == torch.bool:
-        raise ValueError(f"{metric_name}: scores must be real numbers, got dtype {scores.dtype}")
+        raise ValueError(
+            f"{metric_name}: scores must be real numbers (higher = more OOD), got dtype {scores.dtype}; "
+            "pass the detector's real-valued scores, not decisions or complex values"
+        )
+    if is_ood.is_complex():
+        raise ValueError(f"{metric_name}: is_ood must hold 0 (ID) and 1 (OOD), got dtype {is_ood.dtype}")
     scores = scores.detach().reshape(-1)
     is_ood = is_ood.detach().reshape(-1).to(scores.device)
     if scores.is_floating_point():
@@ -150,8 +173,18 @@ def _validate_inputs(scores: Tensor, is_ood: Tensor, metric_name: str) -> tuple[
                 "NaN is not a valid OOD score (+/-inf are)"
             )
     if is_ood.dtype != torch.bool:
-        if not bool(torch.logical_or(is_ood == 0, is_ood == 1).all()):
-            raise ValueError(f"{metric_name}: is_ood must hold only 0 (ID) and 1 (OOD)")
+        binary = torch.logical_or(is_ood == 0, is_ood == 1)
+        if not bool(binary.all()):
+            found = torch.unique(is_ood[~binary]).tolist()
+            shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in found[:5])
+            hint = (
+                " Dataset labels mark OOD images with -1: use is_ood = (labels == -1)."
+                if bool((is_ood == -1).any()) else " Map the labels to 0 (ID) / 1 (OOD) first."
+            )
+            raise ValueError(
+                f"{metric_name}: is_ood must hold only 0 (ID) and 1 (OOD), but it also holds {shown}"
+                f"{', ...' if len(found) > 5 else ''}.{hint}"
+            )
         is_ood = is_ood.to(torch.bool)
     return scores, is_ood
 

@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._runtime import eval_mode, model_device
-from ..batches import iter_batches
+from ..batches import check_class_labels, iter_batches
+from ..tap import inspect_head
 from .augment import random_crop_flip
 from .objectives import as_objective
 from .outliers import OutlierSource, as_outlier_source
@@ -140,11 +141,18 @@ def _scheduled_loader(train_data: Any, model: nn.Module, batch_size: int, seed: 
 
 def _training_batch(
     images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, augment: bool,
-    generator: torch.Generator,
+    generator: torch.Generator, num_classes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ID batch on the model's device, augmented when asked; unlabelled batches are refused."""
+    """One ID batch on the model's device, augmented when asked; unlabelled batches are refused.
+
+    Labels must be class indices of the model's ``num_classes`` (0: unknown, only negatives refused).
+    """
     if labels is None:
         raise ValueError("training batches need labels: pass (images, labels) batches")
+    if not isinstance(images, torch.Tensor) or images.ndim == 0:
+        raise TypeError(f"training images must be a tensor [B, C, H, W], got {type(images).__name__}")
+    check_class_labels(labels, len(images), num_classes, "training.fit", fit_data="training data",
+                       ood_fix=", and pass auxiliary outliers as fit(..., outliers=...)")
     images, labels = images.to(device), labels.to(device)
     if augment:
         images = random_crop_flip(images, generator)
@@ -212,6 +220,7 @@ def fit(
         raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
     outlier_source = None if outliers is None else as_outlier_source(outliers)
     loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
+    num_classes = inspect_head(model).num_classes
     parameters = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     lr = DEFAULT_LR.get(optimizer, 0.1) if lr is None else lr
     opt = make_optimizer(parameters, optimizer, lr, weight_decay, momentum)
@@ -223,7 +232,7 @@ def fit(
         bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress is None else not progress)
         for images, labels in bar:
-            images, labels = _training_batch(images, labels, device, augment, generator)
+            images, labels = _training_batch(images, labels, device, augment, generator, num_classes)
             outlier_images = None
             if outlier_source is not None:
                 outlier_images = outlier_source.next_batch(model, len(images)).to(device)
