@@ -10,11 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import timm_ood
 from timm_ood import training
 from timm_ood.data import photos
 from timm_ood.errors import IncompatibleModelError
-from timm_ood.metrics import ood_metrics
 
 from ._models import (
     DIGITS_MEAN,
@@ -267,24 +265,39 @@ def _photo_crops(names: tuple[str, ...], count: int, seed: int) -> torch.Tensor:
     return (torch.tensor(crops, dtype=torch.float32)[:, None] / 255 - DIGITS_MEAN) / DIGITS_STD
 
 
-@pytest.mark.slow
-def test_greg_beats_the_energy_loss_on_unseen_inverted_digits() -> None:
-    """Inverted digits, never seen in training: the one OOD set where GReg's win was robust at this scale.
+def _energy_input_gradient_norm(model: nn.Module, images: torch.Tensor) -> float:
+    """Mean over images of ``||∇_x S(x)||_2``, the free energy's input gradient (GReg Fig. 3), in eval mode."""
+    model.eval()
+    images = images.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(training.energy_score(model(images)).sum(), images)
+    return float(gradient.flatten(1).norm(dim=1).mean())
 
-    Checked offline over 6 training orders (this one, unshuffled, and 5 seeded shuffles): GReg's AUROC beat the
-    energy loss's on inverted digits every time (+0.004 to +0.009); on uniform noise it won 5 times of 6 (+0.003
-    to +0.016, and -0.015 once), and on horizontally flipped digits it lost 3 times of 3 (-0.001 to -0.012), so
-    neither of those is asserted. Both models keep about the same accuracy (0.98).
+
+@pytest.mark.slow
+def test_greg_shrinks_the_energy_input_gradient_that_the_energy_loss_leaves() -> None:
+    """GReg's mechanism (Fig. 3): with the gradient penalty the energy's input gradient stays far smaller.
+
+    Measured over 5 fine-tunings (this one, unshuffled, and 4 seeded shuffles of the training order), the
+    mean ``||∇_x S||`` on held-out auxiliary crops was 2.52 ± 0.07 (sd) with the energy loss and
+    0.79 ± 0.02 with GReg (ratio 0.30 to 0.32 per run); on ID test digits 8.23 ± 0.12 against 5.06 ± 0.04
+    (ratio 0.61 to 0.63). The asserted ratios, 0.5 and 0.8, sit more than 20 run-to-run sds of the
+    difference away from what was measured.
+
+    What this test asserted before, GReg's higher AUROC on unseen inverted digits, is not asserted: on
+    this machine GReg was lower in all 5 runs (-0.006 to -0.002, energy 0.982 ± 0.003), on the machine
+    where the old test was written higher in all 6 (+0.004 to +0.009), and a third machine saw it lower
+    (the failure that retired it): the sign of that small difference moves with the machine's arithmetic
+    (thread count, CPU kernels), so it says nothing about the method at this scale. Both models keep about
+    the same accuracy (0.981 ± 0.002 and 0.983 ± 0.002).
     """
     test_images, test_labels = digits_split()["test"]
-    inverted = (1 - (test_images * DIGITS_STD + DIGITS_MEAN) - DIGITS_MEAN) / DIGITS_STD
-    aurocs, accuracies = {}, {}
+    held_out_aux = _photo_crops(photos.AUXILIARY_PHOTOS, 400, seed=1)  # crops the fine-tuning never saw
+    norms, accuracies = {}, {}
     for method in ("energy", "greg"):
         model = _fine_tuned(method)
         accuracies[method] = training.accuracy(model, batches(test_images, test_labels))
-        wrapped = timm_ood.wrap(model, "energy")
-        scores_in, scores_out = wrapped.ood_score(test_images), wrapped.ood_score(inverted)
-        is_ood = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))])
-        aurocs[method] = float(ood_metrics(torch.cat([scores_in, scores_out]), is_ood)["auroc"])
+        norms[method] = {"id": _energy_input_gradient_norm(model, test_images),
+                         "aux": _energy_input_gradient_norm(model, held_out_aux)}
     assert min(accuracies.values()) > 0.95, accuracies
-    assert aurocs["greg"] > aurocs["energy"], aurocs
+    assert norms["greg"]["aux"] < 0.5 * norms["energy"]["aux"], norms
+    assert norms["greg"]["id"] < 0.8 * norms["energy"]["id"], norms
