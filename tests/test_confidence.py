@@ -97,12 +97,20 @@ def _trained(method: str) -> nn.Module:
 
 @pytest.mark.slow
 def test_confidence_loss_beats_cross_entropy_on_unseen_photos() -> None:
+    """Lee et al.'s claim on unseen outliers: the asserted gap (0.15 AUROC) is far inside the measured one.
+
+    Measured over 5 seeds (this one, seed 0, and 1-4 for the initial weights and the run): MSP AUROC on the
+    unseen test photos 0.34 to 0.63 with cross-entropy (0.46 ± 0.11, sd) and 0.955 to 0.982 with the
+    confidence loss (0.970 ± 0.010); the gap per seed 0.34 to 0.64, so 0.15 is more than 1.5 sds of the
+    gap below its smallest value. Accuracy 0.83 to 0.93 (both losses): the floor of 0.7 only checks that
+    training worked (chance is 0.1) and sits more than 4 sds below the mean.
+    """
     unseen = _photo_crops(photos.TEST_PHOTOS, 400, seed=1)
     test_images, test_labels = digits_split()["test"]
     aurocs = []
     for method in ("ce", "confidence"):
         model = _trained(method)
-        assert training.accuracy(model, batches(test_images, test_labels)) > 0.8
+        assert training.accuracy(model, batches(test_images, test_labels)) > 0.7
         wrapped = timm_ood.wrap(model, "msp")
         scores_in, scores_out = wrapped.ood_score(test_images), wrapped.ood_score(unseen)
         is_ood = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))])
