@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -26,10 +27,54 @@ EXIT_ERROR = 2
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], e.g. 0.95, got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated detector names such as msp,energy, got {text!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise argparse.ArgumentTypeError(f"{', '.join(duplicates)} listed twice; name each detector once")
+    return names
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -81,7 +126,7 @@ def _load_model(args: argparse.Namespace):
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from timm_ood.evaluation import evaluate
 
-    results = evaluate(_load_model(args), [d.strip() for d in args.detectors.split(",") if d.strip()],
+    results = evaluate(_load_model(args), args.detectors,
                        args.benchmark, batch_size=args.batch_size, tpr=args.tpr, positive=args.positive,
                        max_images=args.max_images, max_fit_images=args.max_fit_images, progress=not args.quiet)
     print(results.table())
@@ -106,19 +151,70 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 # -- demo -------------------------------------------------------------------
-def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from timm_ood.evaluation import DEFAULT_DETECTORS, evaluate
-    from timm_ood.reference import FAST_RECIPE, RECIPE, reference_model
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers such as 0,1,2, got {text!r}")
+    return seeds
 
-    recipe = FAST_RECIPE if args.fast else RECIPE
-    print(f"reference model: {recipe.architecture} on {recipe.source} "
-          f"({'fast stand-in' if args.fast else 'cached after the first run'})", flush=True)
-    model = reference_model(recipe, retrain=args.retrain, progress=not args.quiet)
-    max_images = 500 if args.fast else None
-    results = evaluate(model, DEFAULT_DETECTORS, "fashion-mnist", batch_size=args.batch_size,
-                       max_images=max_images, max_fit_images=2000 if args.fast else None, progress=not args.quiet)
-    print(results.table())
-    results.save(args.out, command=_command_line(argv))
+
+def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    import dataclasses
+
+    from timm_ood.data.cache import cache_dir
+    from timm_ood.evaluation import DEFAULT_DETECTORS, evaluate
+    from timm_ood.evaluation.seeds import SeededResults, compare_with_reference
+    from timm_ood.reference import (
+        FAST_RECIPE,
+        RECIPE,
+        RECORDED_RESULTS,
+        record_results,
+        recorded_results,
+        reference_model,
+    )
+    from timm_ood.training import read_checkpoint_metadata
+
+    if args.record_reference and len(args.seeds) < 2:
+        raise ValueError("--record-reference needs at least two --seeds (e.g. --seeds 0,1,2): one run has no spread")
+    base = FAST_RECIPE if args.fast else RECIPE
+    runs = {}
+    for seed in args.seeds:
+        recipe = dataclasses.replace(base, seed=seed)
+        path = cache_dir() / "models" / f"{recipe.key()}.safetensors"
+        if path.exists() and not args.retrain:
+            print(f"reference model, seed {seed}: {recipe.architecture} on {recipe.source}, cached at {path}",
+                  flush=True)
+        else:
+            duration = "seconds" if args.fast else "about 12 minutes on 2 CPU cores"
+            print(f"training the reference model, seed {seed}: {recipe.architecture} on {recipe.source} for "
+                  f"{recipe.epochs} epochs ({duration}); it is cached at {path} for later runs", flush=True)
+        model = reference_model(recipe, retrain=args.retrain, progress=not args.quiet)
+        trained_on = read_checkpoint_metadata(path)["metadata"].get("numerics")
+        runs[seed] = evaluate(model, DEFAULT_DETECTORS, "fashion-mnist", batch_size=args.batch_size,
+                              max_images=500 if args.fast else None,
+                              max_fit_images=2000 if args.fast else None, progress=not args.quiet)
+        if trained_on:
+            runs[seed].settings["trained_on"] = trained_on
+            runs[seed].notes.append("Model trained with: " + ", ".join(f"{k} {v}" for k, v in trained_on.items())
+                                    + " (what decides its bits besides the seed: docs/reproducibility.md).")
+    command = _command_line(argv)
+    if len(runs) == 1:
+        (run,) = runs.values()
+        reference = recorded_results(base)
+        if reference is not None:
+            run.notes.append(compare_with_reference(run, reference))
+        print(run.table())
+        run.save(args.out, command=command)
+    else:
+        seeded = SeededResults(runs)
+        print(seeded.table())
+        seeded.save(args.out, command=command)
+        if args.record_reference:
+            record_results(base, {"command": command, **seeded.reference_summary()})
+            print(f"recorded the reference over seeds {args.seeds} in {RECORDED_RESULTS}")
     print(f"\nreport with plots written to {args.out}")
 
 
@@ -140,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="fashion-mnist", help="in-distribution source (default fashion-mnist)")
     train.add_argument("--epochs", type=_positive_int, default=2)
     train.add_argument("--optimizer", choices=("sgd", "adamw", "adam"), default="sgd")
-    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule)")
-    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--lr", type=_positive_float, default=0.1, help="peak learning rate (cosine schedule)")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=5e-4)
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random 2-pixel shifts and flips")
     train.add_argument("--seed", type=int, default=0)
@@ -158,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
     model_args(evaluation)
-    evaluation.add_argument("--detectors", default="msp,odin,energy,mahalanobis", help="comma-separated names")
-    evaluation.add_argument("--tpr", type=float, default=0.95)
+    evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis", help="comma-separated names")
+    evaluation.add_argument("--tpr", type=_rate, default=0.95, help="TPR of FPR@TPR, in (0, 1] (default 0.95)")
     evaluation.add_argument("--positive", choices=("id", "ood"), default="id", help="metric reading")
     evaluation.add_argument("--max-fit-images", type=_positive_int, default=None)
     evaluation.add_argument("--out", default=None, help="write markdown, JSON, CSV and plots here")
@@ -177,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="report", help="report folder (default report/)")
     demo.add_argument("--fast", action="store_true", help="a tiny stand-in model and small sets (seconds)")
     demo.add_argument("--retrain", action="store_true", help="ignore the cached reference model")
+    demo.add_argument("--seeds", type=_seeds, default=[0],
+                      help="training seeds, comma-separated (default 0); several seeds report mean ± sd")
+    demo.add_argument("--record-reference", action="store_true",
+                      help="with several --seeds: store their means as the reference single runs are compared with")
     common(demo)
     return parser
 

@@ -14,11 +14,15 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FAST_RECIPE", "RECIPE", "TRAINING_VERSION", "Recipe", "reference_model", "train_on_source"]
+from ._runtime import cpu_threads, numerics_environment
+
+__all__ = ["FAST_RECIPE", "RECIPE", "RECORDED_RESULTS", "TRAINING_VERSION", "Recipe", "record_results", "recorded_results",
+           "reference_model", "train_on_source"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Recipe:
         epochs / batch_size / optimizer / lr / weight_decay / schedule / warmup_epochs / augment / seed:
             as :func:`timm_ood.training.fit`.
         train_images: use only the first N training images (None = all).
+        num_threads: CPU threads the training runs with (None: torch's default). The thread
+            count changes the order of parallel floating-point sums, so pinning it makes the
+            recipe repeatable across core counts; see :func:`timm_ood._runtime.numerics_environment`
+            for what else must match.
         min_accuracy: warn when the trained model's test accuracy is lower.
     """
 
@@ -46,7 +54,14 @@ class Recipe:
     augment: bool = True
     seed: int = 0
     train_images: int | None = None
+    num_threads: int | None = 2
     min_accuracy: float = 0.90
+
+    def without_seed(self) -> dict[str, object]:
+        """Every field but the seed: what runs of one recipe over several seeds share."""
+        fields = dataclasses.asdict(self)
+        del fields["seed"]
+        return fields
 
     def key(self) -> str:
         """The cache name: architecture, source and a hash of every field and of :data:`TRAINING_VERSION`."""
@@ -56,8 +71,9 @@ class Recipe:
 
 
 #: bumped when :func:`train_on_source` changes what a recipe trains to (2: the model's initial weights
-#: are seeded by ``Recipe.seed``), so caches from an earlier version are retrained, not reused
-TRAINING_VERSION = 2
+#: are seeded by ``Recipe.seed``; 3: training runs with ``Recipe.num_threads`` CPU threads), so caches
+#: from an earlier version are retrained, not reused
+TRAINING_VERSION = 3
 
 #: the benchmark's reference model
 RECIPE = Recipe()
@@ -66,12 +82,46 @@ FAST_RECIPE = Recipe(architecture="test_resnet", epochs=1, batch_size=64, lr=0.0
                      min_accuracy=0.0, warmup_epochs=0.0)
 
 
+#: the demo's numbers over several seeds, written by ``timm-ood demo --seeds 0,1,2 --record-reference``
+RECORDED_RESULTS = Path(__file__).with_name("reference_results.json")
+
+
+def recorded_results(recipe: Recipe = RECIPE) -> dict[str, Any] | None:
+    """The demo's accuracy and average FPR@95TPR recorded over several seeds of ``recipe``'s family.
+
+    Returns the record (``seeds``, ``accuracy`` and per-detector ``fpr_at_tpr`` /
+    ``auroc`` as mean, sd and n) made with the same recipe up to the seed and
+    the same :data:`TRAINING_VERSION`, or None: numbers recorded for another
+    recipe say nothing about this one.
+    """
+    return next((r for r in _records() if _same_family(r, recipe)), None)
+
+
+def record_results(recipe: Recipe, record: dict[str, Any]) -> None:
+    """Store ``record`` as :func:`recorded_results` of ``recipe``'s family (replacing an older one)."""
+    entry = {"recipe": recipe.without_seed(), "training_version": TRAINING_VERSION, **record}
+    records = [r for r in _records() if not _same_family(r, recipe)] + [entry]
+    RECORDED_RESULTS.write_text(json.dumps({"records": records}, indent=2) + "\n")
+
+
+def _records() -> list[dict[str, Any]]:
+    if not RECORDED_RESULTS.exists():
+        return []
+    return list(json.loads(RECORDED_RESULTS.read_text())["records"])
+
+
+def _same_family(record: dict[str, Any], recipe: Recipe) -> bool:
+    return record.get("recipe") == recipe.without_seed() and record.get("training_version") == TRAINING_VERSION
+
+
 def train_on_source(recipe: Recipe, *, progress: bool | None = None) -> tuple[nn.Module, float]:
     """Create the recipe's timm model for its source and train it; returns ``(model, test accuracy)``.
 
     ``recipe.seed`` seeds the model's initial weights as well as the training
-    run, so the same recipe gives the same model whatever the caller's random
-    state (up to the nondeterminism of multi-threaded CPU kernels).
+    run, and the run uses ``recipe.num_threads`` CPU threads, so the same recipe
+    gives bit-identical weights whatever the caller's random state or thread
+    setting, on machines whose CPU kernels agree (same CPU instruction set and
+    torch build: see ``docs/reproducibility.md``).
     """
     import timm
 
@@ -84,14 +134,15 @@ def train_on_source(recipe: Recipe, *, progress: bool | None = None) -> tuple[nn
         train = train.shuffle(seed=recipe.seed).select(range(recipe.train_images))
     overlay = model_overlay(recipe.source)
     num_classes = len(set(train["label"]))
-    torch.manual_seed(recipe.seed)
-    model = timm.create_model(recipe.architecture, num_classes=num_classes, in_chans=overlay["input_size"][0],
-                              pretrained_cfg_overlay=overlay)
-    loader = make_loader(train, model, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-                         drop_last=True, name=f"{recipe.source}/train")
-    training.fit(model, loader, epochs=recipe.epochs, optimizer=recipe.optimizer, lr=recipe.lr,
-                 weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup_epochs=recipe.warmup_epochs,
-                 augment=recipe.augment, seed=recipe.seed, progress=progress)
+    with cpu_threads(recipe.num_threads):
+        torch.manual_seed(recipe.seed)
+        model = timm.create_model(recipe.architecture, num_classes=num_classes, in_chans=overlay["input_size"][0],
+                                  pretrained_cfg_overlay=overlay)
+        loader = make_loader(train, model, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
+                             drop_last=True, name=f"{recipe.source}/train")
+        training.fit(model, loader, epochs=recipe.epochs, optimizer=recipe.optimizer, lr=recipe.lr,
+                     weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup_epochs=recipe.warmup_epochs,
+                     augment=recipe.augment, seed=recipe.seed, progress=progress)
     accuracy = training.accuracy(model, make_loader(test, model, batch_size=512, name=f"{recipe.source}/test"))
     return model, accuracy
 
@@ -120,6 +171,9 @@ def reference_model(
     if path.exists() and not retrain:
         return load_checkpoint(path)
     model, accuracy = train_on_source(recipe, progress=progress)
+    numerics = numerics_environment()
+    if recipe.num_threads is not None:
+        numerics["threads"] = recipe.num_threads
     if accuracy < recipe.min_accuracy:
         warnings.warn(
             f"the reference {recipe.architecture} reached {100 * accuracy:.2f}% test accuracy on "
@@ -128,6 +182,7 @@ def reference_model(
         )
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_checkpoint(model, partial, metadata={"recipe": dataclasses.asdict(recipe), "test_accuracy": accuracy})
+    save_checkpoint(model, partial, metadata={"recipe": dataclasses.asdict(recipe), "test_accuracy": accuracy,
+                                                    "numerics": numerics})
     partial.replace(path)
     return model

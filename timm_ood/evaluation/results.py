@@ -59,6 +59,8 @@ class EvaluationResults:
         forward_seconds: the shared forward passes while scoring.
         settings: ``tpr``, ``positive``, set sizes, hyperparameters, ...
         scored: the raw scores (for plots; not saved in JSON).
+        notes: extra markdown sections for the report, after the table (e.g. how this run
+            compares with a reference recorded over several seeds).
     """
 
     benchmark: str
@@ -72,6 +74,7 @@ class EvaluationResults:
     forward_seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
     scored: ScoredSets | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -192,7 +195,10 @@ class EvaluationResults:
         sizes = self.settings.get("sizes")
         if sizes:
             lines += ["Images: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), ""]
-        lines += [self.table(), "", "## Time", "", self.timing_table(), ""]
+        lines += [self.table(), ""]
+        for note in self.notes:
+            lines += [note.rstrip(), ""]
+        lines += ["## Time", "", self.timing_table(), ""]
         if self.scored is not None:
             lines += ["## Plots", ""]
             for detector in self.detectors:
