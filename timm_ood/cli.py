@@ -164,13 +164,13 @@ def _seeds(text: str) -> list[int]:
 def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import dataclasses
 
-    from timm_ood.data.cache import cache_dir
     from timm_ood.evaluation import DEFAULT_DETECTORS, evaluate
     from timm_ood.evaluation.seeds import SeededResults, compare_with_reference
     from timm_ood.reference import (
         FAST_RECIPE,
         RECIPE,
         RECORDED_RESULTS,
+        checkpoint_path,
         record_results,
         recorded_results,
         reference_model,
@@ -183,7 +183,7 @@ def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
     runs = {}
     for seed in args.seeds:
         recipe = dataclasses.replace(base, seed=seed)
-        path = cache_dir() / "models" / f"{recipe.key()}.safetensors"
+        path = checkpoint_path(recipe)
         if path.exists() and not args.retrain:
             print(f"reference model, seed {seed}: {recipe.architecture} on {recipe.source}, cached at {path}",
                   flush=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._runtime import cpu_threads, numerics_environment
 
-__all__ = ["FAST_RECIPE", "RECIPE", "RECORDED_RESULTS", "TRAINING_VERSION", "Recipe", "record_results", "recorded_results",
+__all__ = ["FAST_RECIPE", "RECIPE", "RECORDED_RESULTS", "TRAINING_VERSION", "Recipe", "checkpoint_path", "record_results", "recorded_results",
            "reference_model", "train_on_source"]
 
 
@@ -147,6 +147,14 @@ def train_on_source(recipe: Recipe, *, progress: bool | None = None) -> tuple[nn
     return model, accuracy
 
 
+def checkpoint_path(recipe: Recipe, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`reference_model` caches ``recipe``'s model (default ``$TIMM_OOD_CACHE_DIR/models``)."""
+    from .data.cache import cache_dir as default_cache_dir
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
+    return folder / f"{recipe.key()}.safetensors"
+
+
 def reference_model(
     recipe: Recipe = RECIPE, *, cache_dir: str | Path | None = None, retrain: bool = False,
     progress: bool | None = None,
@@ -163,11 +171,9 @@ def reference_model(
         The model in eval mode; its checkpoint metadata records the recipe and
         the test accuracy (``timm_ood.training.read_checkpoint_metadata``).
     """
-    from .data.cache import cache_dir as default_cache_dir
     from .training import load_checkpoint, save_checkpoint
 
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
-    path = folder / f"{recipe.key()}.safetensors"
+    path = checkpoint_path(recipe, cache_dir)
     if path.exists() and not retrain:
         return load_checkpoint(path)
     model, accuracy = train_on_source(recipe, progress=progress)
@@ -180,7 +186,7 @@ def reference_model(
             f"{recipe.source}, below the {100 * recipe.min_accuracy:.0f}% the benchmark asks for",
             stacklevel=2,
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_checkpoint(model, partial, metadata={"recipe": dataclasses.asdict(recipe), "test_accuracy": accuracy,
                                                     "numerics": numerics})
