@@ -223,7 +223,7 @@ COUNTERPARTS: dict[str, Counterpart] = {
         p.head, p.stages, p.classifier.out_features, num_poles_list=list(range(1, int(d.max_power) + 1))),
         differs="the layers' expected deviations E[delta_l]: pytorch-ood holds out a random 10% of the fit "
                 "data per class, timm-ood takes the exact leave-one-out estimate on all of it (or held-out "
-                "data passed to fit_normalisation)"),
+                "data passed to model.fit_held_out)"),
 }
 
 

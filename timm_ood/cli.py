@@ -7,6 +7,7 @@
     timm-ood eval  --model resnet18 --checkpoint ckpt.safetensors --detectors msp,odin,energy --benchmark fashion-mnist --out report/
     timm-ood tune  --model resnet18 --checkpoint ckpt.safetensors --detector odin --benchmark fashion-mnist
     timm-ood demo  # the offline default, end to end
+    torchrun --nproc-per-node 2 -m timm_ood.cli eval --checkpoint ckpt.safetensors --detectors all --cache-dir ~/.cache/timm-ood/outputs
 
 Errors print one line and exit with status 2 (``--debug`` shows the traceback).
 """
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["main"]
@@ -114,36 +117,77 @@ def _train(args: argparse.Namespace) -> None:
     print(f"{args.model} on {args.data}: test accuracy {100 * accuracy:.2f}%; saved {args.out}")
 
 
+def _device(name: str) -> str:
+    """``auto``: this process's GPU under torchrun (``LOCAL_RANK``), else the first GPU, else the CPU."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+@contextmanager
+def _process_group(device: str) -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) join its process group: NCCL on GPUs, gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _say(*lines: str) -> None:
+    """Print on rank 0 only: under torchrun every rank computes, one reports."""
+    from timm_ood.distributed import is_main_process
+
+    if is_main_process():
+        print(*lines, flush=True)
+
+
 def _load_model(args: argparse.Namespace):
     from timm_ood.training import load_checkpoint
 
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} not found; make one with `timm-ood train ... --out`")
-    return load_checkpoint(args.checkpoint, args.model)
+    return load_checkpoint(args.checkpoint, args.model).to(_device(args.device))
 
 
 # -- eval -------------------------------------------------------------------
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from timm_ood.distributed import is_main_process
     from timm_ood.evaluation import evaluate
 
-    results = evaluate(_load_model(args), args.detectors,
+    detectors = "all" if args.detectors == ["all"] else args.detectors
+    results = evaluate(_load_model(args), detectors,
                        args.benchmark, batch_size=args.batch_size, tpr=args.tpr, positive=args.positive,
-                       max_images=args.max_images, max_fit_images=args.max_fit_images, progress=not args.quiet)
-    print(results.table())
-    if args.out:
+                       max_images=args.max_images, max_fit_images=args.max_fit_images, num_workers=args.workers,
+                       progress=not args.quiet and is_main_process(), cache_dir=args.cache_dir)
+    _say(results.table())
+    if args.out and is_main_process():
         results.save(args.out, plots=not args.no_plots, command=_command_line(argv))
         print(f"\nreport written to {args.out}")
 
 
 # -- tune -------------------------------------------------------------------
 def _tune(args: argparse.Namespace) -> None:
+    from timm_ood.distributed import is_main_process
     from timm_ood.evaluation import tune
 
     result = tune(_load_model(args), args.detector, args.benchmark, protocol=args.protocol,
-                  batch_size=args.batch_size, max_images=args.max_images, progress=not args.quiet)
-    print(result.table())
-    print(f"\nbest on average over the sets: {result.best_average} ({result.seconds:.1f} s)")
-    if args.out:
+                  batch_size=args.batch_size, max_images=args.max_images, progress=not args.quiet and is_main_process())
+    _say(result.table())
+    _say(f"\nbest on average over the sets: {result.best_average} ({result.seconds:.1f} s)")
+    if args.out and is_main_process():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"detector": result.detector, "best": result.best,
                                               "best_average": result.best_average, "cross": result.cross,
@@ -251,10 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--checkpoint", required=True, help="a checkpoint written by `timm-ood train`")
         sub.add_argument("--benchmark", default="fashion-mnist", help="benchmark name (default fashion-mnist)")
         sub.add_argument("--max-images", type=_positive_int, default=None, help="at most N images per set")
+        sub.add_argument("--device", default="auto",
+                         help="cpu, cuda, cuda:1, ... (default auto: this rank's GPU under torchrun, else a GPU if "
+                              "there is one, else the CPU)")
+        sub.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
 
     evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
     model_args(evaluation)
-    evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis", help="comma-separated names")
+    evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis",
+                            help="comma-separated names, or 'all' (every post-hoc detector the model can serve)")
+    evaluation.add_argument("--cache-dir", default=None,
+                            help="feature store: the model's outputs for each set are computed once and read by every "
+                                 "later run of the same model and data (e.g. ~/.cache/timm-ood/outputs)")
     evaluation.add_argument("--tpr", type=_rate, default=0.95, help="TPR of FPR@TPR, in (0, 1] (default 0.95)")
     evaluation.add_argument("--positive", choices=("id", "ood"), default="id", help="metric reading")
     evaluation.add_argument("--max-fit-images", type=_positive_int, default=None)
@@ -291,9 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             _train(args)
         elif args.command == "eval":
-            _eval(args, argv)
+            with _process_group(_device(args.device)):
+                _eval(args, argv)
         elif args.command == "tune":
-            _tune(args)
+            with _process_group(_device(args.device)):
+                _tune(args)
         else:
             _demo(args, argv)
     except KeyboardInterrupt:

@@ -17,15 +17,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ._runtime import eval_mode, model_device
-from .batches import check_images, iter_batches
+from ._runtime import model_device
 from .detectors import create_detector
 from .detectors.base import Detector
 from .errors import NotFittedError
-from .fitting import fit_detectors
+from .fitting import fit_detectors, fit_held_out
+from .passes import score_batch
+from .scoring import score_sets
 from .serialization import load_detector, save_detector
+from .store import BoundStore, FeatureStore, as_store
 from .tap import Tap
 
 __all__ = ["OODModel", "create_model", "wrap"]
@@ -92,35 +93,67 @@ class OODModel(nn.Module):
             ValueError / TypeError: the images do not fit the model (channels,
                 shape, dtype); a NaN score.
         """
-        check_images(x, self.tap)
-        detector = self.detector
-        detector.check_fitted()
-        x = x.to(device=model_device(self.model))
-        grad_mode = torch.no_grad() if detector.requirements.input_gradients else torch.inference_mode()
-        with eval_mode(self.model, detector), grad_mode:
-            outputs = self.tap(x, detector.requirements.outputs)
-            return detector(outputs)
+        self.detector.check_fitted()
+        return score_batch(self.tap, self.detector, x)
 
-    def fit(self, data: Iterable, *, progress: bool | None = None) -> OODModel:
+    def fit(
+        self, data: Iterable, *, progress: bool | None = None, cache_dir: str | os.PathLike | FeatureStore | None = None
+    ) -> OODModel:
         """Fit the detector on in-distribution training data; a no-op for detectors without fit.
 
         Args:
             data: a DataLoader or any iterable of ``(images, labels)`` batches
                 (or mappings with ``image``/``label``).
             progress: show a progress bar (default: on a terminal).
+            cache_dir: a feature store (:mod:`timm_ood.store`): the model's
+                outputs of data made by ``timm_ood.data.make_loader`` are read
+                from it when stored, else computed and stored.
 
         Returns:
             self, for chaining.
         """
-        fit_detectors(self.tap, [self.detector], data, progress=progress)
+        fit_detectors(self.tap, [self.detector], data, progress=progress, store=self._store(cache_dir))
         return self
 
-    def iter_scores(self, data: Iterable, *, progress: bool | None = None, desc: str = "score"):
-        """Yield ``(scores, labels)`` batch by batch over a DataLoader."""
-        total = len(data) if hasattr(data, "__len__") else None
-        for images, labels in tqdm(iter_batches(data), total=total, desc=desc, leave=False,
-                                   disable=None if progress is None else not progress):
-            yield self.ood_score(images), labels
+    def fit_held_out(
+        self, id_data: Iterable, ood_data: Iterable | None = None, *, progress: bool | None = None,
+        cache_dir: str | os.PathLike | FeatureStore | None = None,
+    ) -> OODModel:
+        """Run the detector's held-out step after :meth:`fit` (a no-op for detectors without one).
+
+        ``gram``: the layer normalisers ``E[δ_l]`` on held-out in-distribution
+        data (Sastry & Oore's validation step). ``multi-mahalanobis``: the
+        layer weights by logistic regression on held-out in-distribution and
+        OOD data (Lee et al., Sec. 3). Other detectors declare no step.
+
+        Args:
+            id_data: held-out in-distribution batches, not the fit data.
+            ood_data: held-out OOD (or adversarial) batches, for detectors that read them.
+            progress: show progress bars (default: on a terminal).
+            cache_dir: a feature store, as in :meth:`fit`.
+
+        Returns:
+            self, for chaining.
+        """
+        fit_held_out(self.tap, [self.detector], id_data, ood_data, progress=progress,
+                     store=self._store(cache_dir))
+        return self
+
+    def score_data(
+        self, data: Iterable, *, progress: bool | None = None, desc: str = "score",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (float64, CPU) and labels (None when the batches have none) of every image of ``data``.
+
+        Under torch.distributed every rank scores its part of the data and
+        gets the scores of all ranks, in rank order.
+        """
+        scored = score_sets(self.tap, [self.detector], {"data": data}, labels=["score"], with_predictions=False,
+                            progress=progress, desc=desc)
+        return scored.scores["score"]["data"], scored.labels.get("data")
+
+    def _store(self, cache_dir: str | os.PathLike | FeatureStore | None) -> BoundStore | None:
+        store = as_store(cache_dir)
+        return None if store is None else store.bind(self.model)
 
     def calibrate(self, id_data: Iterable, tpr: float = 0.95, *, progress: bool | None = None) -> float:
         """Store the threshold that accepts a fraction ``tpr`` of in-distribution inputs.
@@ -139,11 +172,7 @@ class OODModel(nn.Module):
         """
         if not 0 < tpr <= 1:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-        batches = [s.detach().to("cpu", torch.float64)
-                   for s, _ in self.iter_scores(id_data, progress=progress, desc="calibrate")]
-        if not batches:
-            raise ValueError("calibrate received no in-distribution images")
-        scores = torch.cat(batches)
+        scores, _ = self.score_data(id_data, progress=progress, desc="calibrate")
         ordered = scores.sort().values
         accepted = torch.arange(1, ordered.numel() + 1, dtype=torch.float64) / ordered.numel()
         index = int((accepted < tpr).sum())

@@ -126,11 +126,11 @@ class Outputs:
     instead of reading ``None``.
     """
 
-    __slots__ = ("_features", "_intermediates", "_logits", "_pre_logits", "inputs", "tap")
+    __slots__ = ("_features", "_inputs", "_intermediates", "_logits", "_pre_logits", "tap")
 
     def __init__(
         self,
-        inputs: torch.Tensor,
+        inputs: torch.Tensor | None,
         tap: Tap,
         *,
         logits: torch.Tensor | None = None,
@@ -138,7 +138,7 @@ class Outputs:
         features: torch.Tensor | None = None,
         intermediates: list[torch.Tensor] | None = None,
     ) -> None:
-        self.inputs = inputs
+        self._inputs = inputs
         self.tap = tap
         self._logits = logits
         self._pre_logits = pre_logits
@@ -153,6 +153,17 @@ class Outputs:
                 f"it must list Need.{need.name} in its requirements"
             )
         return value
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The images of the batch; absent when the outputs come from the feature store (:mod:`timm_ood.store`)."""
+        if self._inputs is None:
+            raise RuntimeError(
+                "the images of this batch are not available: its outputs were read from the feature store. A "
+                "detector that reads the images (runs its own passes) must declare input_gradients=True, and the "
+                "driver then runs the model on them"
+            )
+        return self._inputs
 
     @property
     def logits(self) -> torch.Tensor:
@@ -172,7 +183,11 @@ class Outputs:
 
     @property
     def batch_size(self) -> int:
-        return self.inputs.shape[0]
+        if self._inputs is not None:
+            return self._inputs.shape[0]
+        present = (self._logits, self._pre_logits, self._features,
+                   None if not self._intermediates else self._intermediates[0])
+        return next(t.shape[0] for t in present if t is not None)
 
     def __len__(self) -> int:
         return self.batch_size
@@ -183,7 +198,7 @@ class Outputs:
             return None if t is None else t[index]
 
         return Outputs(
-            self.inputs[index],
+            take(self._inputs),
             self.tap,
             logits=take(self._logits),
             pre_logits=take(self._pre_logits),
@@ -366,8 +381,8 @@ class Tap:
         if self.model.training:
             return logits  # dropout would make the comparison meaningless; check in eval mode
         reference = self.head(features)
-        if not torch.isfinite(reference).all():
-            return reference  # nothing to compare on this batch; check the next one
+        if reference.numel() == 0 or not torch.isfinite(reference).all():
+            return reference  # nothing to compare on this batch (empty, or not finite); check the next one
         scale = reference.abs().max().clamp_min(1.0)
         self._linear_checked = True
         if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-5 * float(scale)):

@@ -26,7 +26,7 @@ from .benchmarks import (
 from .cache import CACHE_DIR_ENV
 from .errors import CorruptImageError, DataNotFoundError, EmptyDatasetError, HubUnavailableError
 from .fashion_mnist import DATA_DIR_ENV
-from .loaders import make_loader
+from .loaders import ModelLoader, make_loader
 from .sources import SourceSpec, get_source, list_sources, load_source, model_overlay
 from .transforms import ModelTransform
 
@@ -39,6 +39,7 @@ __all__ = [
     "DataNotFoundError",
     "EmptyDatasetError",
     "HubUnavailableError",
+    "ModelLoader",
     "ModelTransform",
     "SourceRef",
     "SourceSpec",

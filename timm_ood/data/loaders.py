@@ -10,7 +10,10 @@ so that a corrupt one is reported with its dataset and index.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ from .transforms import ModelTransform, UndecodableImageError
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-__all__ = ["check_columns", "make_loader"]
+__all__ = ["ModelLoader", "check_columns", "make_loader"]
 
 _INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
 
@@ -116,6 +119,107 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         return next(iter(self.stream), None) is None
 
 
+@dataclass(frozen=True)
+class _LoaderSettings:
+    """What :func:`make_loader` was asked for: enough to make the same loader over another part of the data."""
+
+    batch_size: int
+    shuffle: bool
+    num_workers: int
+    drop_last: bool
+    seed: int | None
+    name: str
+    rows: tuple[int, int]  # the rows of the whole dataset this loader reads, [start, stop)
+    total_rows: int | None  # rows of the whole dataset (None for a stream)
+
+
+class ModelLoader(DataLoader):
+    """The DataLoader :func:`make_loader` returns: a plain ``DataLoader`` that also knows its data.
+
+    Beyond batches it tells the driver (:mod:`timm_ood.passes`) what it reads:
+
+    - :attr:`fingerprint`: a digest of the Hugging Face dataset (its ``datasets``
+      fingerprint, split and length) and of the model transform, the key of the
+      feature store (None for a stream, whose content ``datasets`` does not digest);
+    - :meth:`for_rank`: the same loader over one process's part of the dataset
+      (``datasets.distributed.split_dataset_by_node``: a contiguous block of
+      rows of a map-style dataset, every ``world``-th example of a stream);
+    - :attr:`rows`: the rows ``[start, stop)`` of the whole dataset it reads.
+    """
+
+    dataset_source: Dataset | IterableDataset
+    settings: _LoaderSettings
+    transform: ModelTransform
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        return self.settings.rows
+
+    @property
+    def total_rows(self) -> int | None:
+        return self.settings.total_rows
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Digest of the whole dataset read and its transform (None for streams)."""
+        return self._fingerprint
+
+    def for_rank(self, rank: int, world_size: int) -> ModelLoader:
+        """This loader over the part of the dataset of process ``rank`` of ``world_size`` (no padding)."""
+        from datasets import IterableDataset
+        from datasets.distributed import split_dataset_by_node
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        rows = self.settings.rows
+        if isinstance(self.dataset_source, IterableDataset):
+            part = split_dataset_by_node(self.dataset_source, rank=rank, world_size=world_size)
+        else:
+            # split_dataset_by_node's contiguous block, taken with select: its shard() refuses an empty block
+            count = len(self.dataset_source)
+            start = (count // world_size) * rank + min(rank, count % world_size)
+            stop = start + count // world_size + (rank < count % world_size)
+            part = self.dataset_source.select(range(start, stop) if stop > start else [])
+            rows = (rows[0] + start, rows[0] + stop)
+        return _build(part, replace(self.settings, rows=rows), self.transform, self._fingerprint)
+
+
+def _data_fingerprint(dataset: Dataset | IterableDataset, transform: ModelTransform) -> str | None:
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return None
+    described = {
+        "dataset": dataset._fingerprint,
+        "split": str(dataset.split) if dataset.split is not None else None,
+        "rows": len(dataset),
+        "transform": {"mode": transform.mode, **{k: str(v) for k, v in sorted(transform.config.items())}},
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _build(
+    dataset: Dataset | IterableDataset, settings: _LoaderSettings, transform: ModelTransform, fingerprint: str | None
+) -> ModelLoader:
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        stream = _StreamBatches(dataset, transform, settings.batch_size, settings.drop_last, settings.name)
+        loader = ModelLoader(stream, batch_size=None, num_workers=settings.num_workers)
+    else:
+        batches = _IndexedBatches(dataset, transform, settings.name)
+        if settings.shuffle:
+            generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+            order = RandomSampler(batches, generator=generator)
+        else:
+            order = SequentialSampler(batches)
+        sampler = BatchSampler(order, batch_size=settings.batch_size, drop_last=settings.drop_last)
+        loader = ModelLoader(batches, sampler=sampler, batch_size=None, num_workers=settings.num_workers)
+    loader.dataset_source, loader.settings, loader.transform = dataset, settings, transform
+    loader._fingerprint = fingerprint
+    return loader
+
+
 def make_loader(
     dataset: Dataset | IterableDataset,
     model: nn.Module,
@@ -127,8 +231,8 @@ def make_loader(
     seed: int | None = None,
     name: str | None = None,
     **config_overrides: Any,
-) -> DataLoader:
-    """A DataLoader of ``(images, labels)`` prepared for ``model``.
+) -> ModelLoader:
+    """A DataLoader (:class:`ModelLoader`) of ``(images, labels)`` prepared for ``model``.
 
     ``images`` are float32 ``[B, C, H, W]`` with the model's channel count,
     input size and normalisation (see :class:`~timm_ood.data.ModelTransform`);
@@ -159,20 +263,17 @@ def make_loader(
     name = name or getattr(dataset.info, "dataset_name", None) or "dataset"
     check_columns(dataset, name)
     transform = ModelTransform(model, **config_overrides)
-    if isinstance(dataset, IterableDataset):
+    is_stream = isinstance(dataset, IterableDataset)
+    if is_stream:
         if shuffle:
             raise ValueError("cannot shuffle a stream here; use dataset.shuffle(seed=..., buffer_size=...) first")
-        stream = _StreamBatches(dataset, transform, batch_size, drop_last, name)
-        if stream.is_empty():  # checked here: a DataLoader worker left without a shard is empty too
+        if _StreamBatches(dataset, transform, batch_size, drop_last, name).is_empty():
+            # checked here: a DataLoader worker left without a shard is empty too
             raise EmptyDatasetError(f"stream {name!r} has no examples: there is nothing to evaluate on")
-        return DataLoader(stream, batch_size=None, num_workers=num_workers)
-    if len(dataset) == 0:
+    elif len(dataset) == 0:
         raise EmptyDatasetError(f"dataset {name!r} is empty: there is nothing to evaluate on")
-    batches = _IndexedBatches(dataset, transform, name)
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        order = RandomSampler(batches, generator=generator)
-    else:
-        order = SequentialSampler(batches)
-    sampler = BatchSampler(order, batch_size=batch_size, drop_last=drop_last)
-    return DataLoader(batches, sampler=sampler, batch_size=None, num_workers=num_workers)
+    total = None if is_stream else len(dataset)
+    settings = _LoaderSettings(batch_size, shuffle, num_workers, drop_last, seed, name, (0, total or 0), total)
+    # a shuffled or truncated loader reads the rows in another order or not all of them: no store key
+    fingerprint = None if shuffle or drop_last else _data_fingerprint(dataset, transform)
+    return _build(dataset, settings, transform, fingerprint)

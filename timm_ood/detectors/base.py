@@ -33,9 +33,9 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ..distributed import all_reduce_sum
 from ..errors import IncompatibleModelError, NotFittedError
 from ..fingerprint import (
     PRECISIONS,
@@ -48,6 +48,10 @@ from ..fingerprint import (
 from ..tap import Need, Outputs, Tap
 
 __all__ = ["Detector", "Requirements", "all_reduce_sum", "score_dtype"]
+
+
+#: what ``Requirements.held_out`` may say: no step, held-out ID data, held-out ID and OOD data
+HELD_OUT_STEPS = ("", "id", "id+ood")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,15 @@ class Requirements:
         fit_passes: passes over the fit data; each pass after the first reads
             what the previous ones fitted (ViM's residuals need its principal
             subspace), between passes :meth:`Detector.next_fit_pass` runs.
+        held_out: a step fitted after ``fit`` on held-out data, run by the
+            driver (:func:`timm_ood.passes.fit_held_out`): ``""`` none, ``"id"``
+            held-out in-distribution data (Gram's normalisers), ``"id+ood"``
+            held-out in-distribution and OOD data (multi-layer Mahalanobis
+            weights). See :meth:`Detector.update_held_out`.
+        collective_scores: :meth:`Detector.score` takes part in
+            torch.distributed collectives (a bank sharded over the ranks). The
+            driver then calls it in lockstep on every rank, with an empty batch
+            (0 rows, the same trailing shapes) on ranks that ran out of data.
     """
 
     outputs: frozenset[Need] = frozenset({Need.LOGITS})
@@ -75,6 +88,12 @@ class Requirements:
     fit: bool = False
     fit_labels: bool = False
     fit_passes: int = 1
+    held_out: str = ""
+    collective_scores: bool = False
+
+    def __post_init__(self) -> None:
+        if self.held_out not in HELD_OUT_STEPS:
+            raise ValueError(f"Requirements.held_out must be one of {HELD_OUT_STEPS}, got {self.held_out!r}")
 
     @property
     def outputs_for_fit(self) -> frozenset[Need]:
@@ -84,13 +103,6 @@ class Requirements:
 def score_dtype(t: torch.Tensor) -> torch.Tensor:
     """``t`` in at least float32: half-precision scores would tie and lose order."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum sufficient statistics over processes in place (a no-op without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 #: the ``state_dict`` key (under the detector's prefix) holding its model fingerprint
@@ -205,6 +217,20 @@ class Detector(nn.Module, metaclass=ABCMeta):
 
     def finish_fit(self) -> None:
         """Turn the accumulated statistics into the fitted state (all-reduce them first)."""
+
+    # -- the held-out step (requirements.held_out) ----------------------------------
+    def reset_held_out(self) -> None:
+        """Start the held-out step (after ``fit``): clear what it accumulates."""
+
+    def update_held_out(self, outputs: Outputs, is_ood: bool) -> None:
+        """Accumulate one batch of held-out data: in-distribution (``is_ood=False``) or OOD.
+
+        ``outputs`` are what :meth:`score` reads (``requirements.outputs``), computed
+        as scoring computes them (autograd on for detectors with input gradients).
+        """
+
+    def finish_held_out(self) -> None:
+        """Turn what the held-out step accumulated into fitted state (all-reduce / gather it first)."""
 
     # -- scoring ----------------------------------------------------------------
     @abstractmethod

@@ -63,9 +63,11 @@ class ClassGaussianStatistics:
         Raises:
             ValueError: no data was seen.
         """
-        if self.sums is None or float(self.counts.sum()) == 0:
+        if self.sums is None:
             raise ValueError("fit received no samples: the in-distribution data is empty")
         all_reduce_sum(self.sums, self.counts, self.gram)
+        if float(self.counts.sum()) == 0:
+            raise ValueError("fit received no samples: the in-distribution data is empty")
         present = torch.nonzero(self.counts > 0).squeeze(1)
         counts = self.counts[present]
         means = self.sums[present] / counts[:, None]

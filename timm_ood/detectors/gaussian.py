@@ -14,18 +14,17 @@ and score with vectorised distances to every class at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..distributed import all_gather_rows
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
-from .collect import scoring_outputs
 from .distance import ClassGaussianStatistics, Mahalanobis, squared_mahalanobis
 from .perturbation import gradient_sign, signed_step
 
@@ -177,7 +176,8 @@ class MultiMahalanobis(Detector):
     log-odds of OOD of the logistic regression when the weights are fitted.
 
     Weights: the paper fits them by logistic regression on validation data
-    with OOD (or adversarial) samples: :meth:`fit_weights`. Until then the
+    with OOD (or adversarial) samples: the detector's held-out step
+    (``model.fit_held_out(id_data, ood_data)``, :meth:`finish_held_out`). Until then the
     layers are weighted equally in units of their own scale, ``w_ℓ = 1 /
     E_train[d_ℓ]`` where the mean squared distance of the training features to
     their class is exactly ``rank(Σ_ℓ)`` (no OOD data needed), and ``b = 0``.
@@ -202,10 +202,10 @@ class MultiMahalanobis(Detector):
              "Attacks, NeurIPS 2018, Sec. 2.2 (feature ensemble) and Algorithm 1")
     search_space: ClassVar = {"epsilon": Mahalanobis.search_space["epsilon"]}
     fit_hyperparameters: ClassVar = frozenset({"layers"})
-    _plain = Requirements(outputs=frozenset({Need.INTERMEDIATES}), fit=True, fit_labels=True)
+    _plain = Requirements(outputs=frozenset({Need.INTERMEDIATES}), fit=True, fit_labels=True, held_out="id+ood")
     _preprocessing = Requirements(
         outputs=frozenset(), fit_outputs=frozenset({Need.INTERMEDIATES}),
-        input_gradients=True, fit=True, fit_labels=True,
+        input_gradients=True, fit=True, fit_labels=True, held_out="id+ood",
     )
 
     def __init__(self, layers: list[int] | None = None, epsilon: float = 0.0) -> None:
@@ -225,6 +225,7 @@ class MultiMahalanobis(Detector):
         self._statistics: list[ClassGaussianStatistics] = []
         self._positions: list[int] = []
         self._num_classes = 0
+        self._held_out: dict[bool, list[torch.Tensor]] = {False: [], True: []}
 
     @property
     def requirements(self) -> Requirements:  # type: ignore[override]
@@ -312,12 +313,17 @@ class MultiMahalanobis(Detector):
     def score(self, outputs: Outputs) -> torch.Tensor:
         combined = self.layer_distances(outputs) @ self.layer_weights.to(torch.float64)
         combined = combined + self.weights_bias.to(torch.float64)
-        return score_dtype(combined.to(outputs.inputs.dtype))
+        reference = outputs.inputs if float(self.epsilon) > 0 else outputs.intermediates[0]
+        return score_dtype(combined.to(reference.dtype))
 
-    # -- the paper's weighting ------------------------------------------------------------------
-    def fit_weights(
-        self, model: nn.Module, id_data: Iterable, ood_data: Iterable, *, progress: bool | None = None
-    ) -> MultiMahalanobis:
+    # -- the paper's weighting: the held-out step ------------------------------------------------
+    def reset_held_out(self) -> None:
+        self._held_out: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+
+    def update_held_out(self, outputs: Outputs, is_ood: bool) -> None:
+        self._held_out[is_ood].append(self.layer_distances(outputs).detach())
+
+    def finish_held_out(self) -> None:
         """Fit the layer weights by logistic regression on held-out ID and OOD data (the paper's Sec. 3).
 
         The per-layer distances ``d_ℓ`` of both sets (with this detector's ε)
@@ -325,44 +331,41 @@ class MultiMahalanobis(Detector):
         ``LogisticRegressionCV()``: L2 penalty, ``C`` chosen among
         ``logspace(-4, 4, 10)`` by 5-fold stratified cross-validated accuracy,
         then refitted on all samples; here on standardised inputs, whose scale
-        is folded back into ``w_ℓ`` and ``b``. Scores become the regression's
-        log-odds of OOD.
-
-        Args:
-            model: the ``OODModel`` this detector is attached to (or its timm model).
-            id_data: held-out in-distribution batches (not the fit data).
-            ood_data: held-out batches of OOD (or adversarial) samples.
-            progress: show tqdm bars (default: on a terminal).
-
-        Returns:
-            self, with ``layer_weights`` and ``weights_bias`` set (saved with the detector).
+        is folded back into ``w_ℓ`` and ``b``, with seeded shuffled folds over
+        the samples in a canonical order, so the weights do not depend on the
+        order of the data or on how it was split over processes. Scores become the regression's
+        log-odds of OOD. Run it through ``model.fit_held_out(id_data, ood_data)``.
 
         Raises:
-            NotFittedError: ``fit`` has not run.
-            ValueError: too few samples of a set for 5-fold cross-validation.
+            ValueError: fewer than 5 samples of a set (5-fold cross-validation).
         """
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-        sets = []
-        for data, what in ((id_data, "in-distribution"), (ood_data, "OOD")):
-            rows = [self.layer_distances(outputs).cpu() for outputs in
-                    scoring_outputs(self, model, data, progress=progress, desc=f"layer distances ({what})")]
-            if not rows:
-                raise ValueError(f"fit_weights received no {what} batches")
-            sets.append(torch.cat(rows))
+        layers = len(self.layer_dims)
+        sets = [all_gather_rows(torch.cat(self._held_out[is_ood]) if self._held_out[is_ood]
+                                else torch.zeros(0, layers, dtype=torch.float64, device=self.layer_dims.device))
+                .cpu() for is_ood in (False, True)]
+        self._held_out = {False: [], True: []}
+        if min(len(s) for s in sets) < 5:
+            raise ValueError(
+                f"multi-mahalanobis: the held-out step needs at least 5 in-distribution and 5 OOD samples (5-fold "
+                f"cross-validation), got {len(sets[0])} and {len(sets[1])}"
+            )
         inputs = torch.cat(sets)
         targets = torch.cat([torch.zeros(len(sets[0])), torch.ones(len(sets[1]))])
-        if min(len(s) for s in sets) < 5:
-            raise ValueError("fit_weights needs at least 5 in-distribution and 5 OOD samples (5-fold cross-validation)")
+        # a canonical row order and seeded folds: the fit depends on the samples, not on how the data was
+        # ordered or split over processes
+        order = torch.from_numpy(np.lexsort((*inputs.numpy().T[::-1], targets.numpy())))
+        inputs, targets = inputs[order], targets[order]
         mean, scale = inputs.mean(0), inputs.std(0).clamp_min(torch.finfo(torch.float64).tiny)
-        search = GridSearchCV(LogisticRegression(), {"C": np.logspace(-4, 4, 10)}, cv=5, scoring="accuracy")
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+        search = GridSearchCV(LogisticRegression(), {"C": np.logspace(-4, 4, 10)}, cv=folds, scoring="accuracy")
         regression = search.fit(((inputs - mean) / scale).numpy(), targets.numpy()).best_estimator_
         coefficients = torch.from_numpy(regression.coef_[0]).to(torch.float64) / scale
         bias = float(regression.intercept_[0]) - float((coefficients * mean).sum())
         self.layer_weights = coefficients.to(self.layer_weights.device)
         self.weights_bias = torch.tensor(bias, dtype=torch.float64, device=self.layer_weights.device)
-        return self
 
 
 def _intermediate(tap: Tap, x: torch.Tensor, position: int) -> torch.Tensor:
@@ -397,6 +400,8 @@ class _PerClassSecondMoments:
             self.moments = torch.cat([self.moments, self.moments.new_zeros(grow, dim, dim)])
         self.sums.index_add_(0, labels, features)
         self.counts += torch.bincount(labels, minlength=self.sums.shape[0]).to(torch.float64)
+        if labels.numel() == 0:
+            return  # an empty batch (a process without data under torch.distributed) adds nothing
         # group the batch by class, pad the groups to one length and multiply them in one bmm
         order = labels.argsort(stable=True)
         classes, sizes = torch.unique_consecutive(labels[order], return_counts=True)
@@ -408,9 +413,11 @@ class _PerClassSecondMoments:
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(class_ids [K'], counts [K'], means [K', D], covariances [K', D, D])`` of the classes seen."""
-        if self.sums is None or float(self.counts.sum()) == 0:
+        if self.sums is None:
             raise ValueError("fit received no samples: the in-distribution data is empty")
         all_reduce_sum(self.sums, self.counts, self.moments)
+        if float(self.counts.sum()) == 0:
+            raise ValueError("fit received no samples: the in-distribution data is empty")
         present = torch.nonzero(self.counts > 0).squeeze(1)
         counts = self.counts[present]
         means = self.sums[present] / counts[:, None]

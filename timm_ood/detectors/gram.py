@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
-from .collect import gather_stacked, scoring_outputs
+from .collect import gather_stacked
 from .gaussian import resolve_layers
 
 __all__ = ["Gram", "gram_features"]
@@ -86,7 +84,8 @@ class Gram(Detector):
     ``Δ(x) = Σ_l δ_l(x) / E[δ_l]``, higher = more OOD (no negation).
 
     ``E[δ_l]``, the expected deviation of in-distribution inputs: the paper
-    takes it on held-out validation data, which :meth:`fit_normalisation` does.
+    takes it on held-out validation data, which the held-out step does
+    (``model.fit_held_out(id_data)``, :meth:`finish_held_out`).
     Until then it is the leave-one-out estimate on the fit data, exact from the
     same pass: each training image's deviation against the bounds of the
     other images of its class, which needs only the two smallest and two
@@ -106,7 +105,7 @@ class Gram(Detector):
     name = "gram"
     paper = ("Sastry & Oore, Detecting Out-of-Distribution Examples with In-distribution Examples and Gram "
              "Matrices, ICML 2020, Sec. 3")
-    requirements = Requirements(outputs=frozenset({Need.INTERMEDIATES, Need.LOGITS}), fit=True)
+    requirements = Requirements(outputs=frozenset({Need.INTERMEDIATES, Need.LOGITS}), fit=True, held_out="id")
     search_space: ClassVar = {"max_power": (1, 2, 5, 10)}
     fit_hyperparameters: ClassVar = frozenset({"max_power", "layers"})
 
@@ -125,6 +124,7 @@ class Gram(Detector):
         self._smallest: torch.Tensor | None = None  # [2, K, F]
         self._largest: torch.Tensor | None = None  # [2, K, F] of negated values
         self._counts: torch.Tensor | None = None
+        self._held_out_sums: torch.Tensor | None = None
 
     def check_hyperparameters(self) -> None:
         if not (isinstance(self.max_power, int) and self.max_power >= 1):
@@ -197,28 +197,32 @@ class Gram(Detector):
         total = (self.layer_deviations(outputs) / self.layer_normalizers.to(torch.float64)).sum(dim=1)
         return score_dtype(total.to(outputs.logits.dtype))
 
-    def fit_normalisation(self, model: nn.Module, id_data: Iterable, *, progress: bool | None = None) -> Gram:
-        """Set ``E[δ_l]`` to the mean layer deviation on held-out in-distribution data (the paper's validation step).
+    # -- the held-out step: E[δ_l] on held-out in-distribution data (the paper's validation step) ------
+    def reset_held_out(self) -> None:
+        self._held_out_sums: torch.Tensor | None = None
 
-        Args:
-            model: the ``OODModel`` this detector is attached to (or its timm model).
-            id_data: held-out in-distribution batches, not the fit data (whose
-                deviations are all 0 against bounds taken from them).
-            progress: show a tqdm bar (default: on a terminal).
+    def update_held_out(self, outputs: Outputs, is_ood: bool) -> None:
+        deviations = self.layer_deviations(outputs)  # [B, L]
+        sums = torch.cat([deviations.sum(dim=0), deviations.new_tensor([len(deviations)])])
+        self._held_out_sums = sums if self._held_out_sums is None else self._held_out_sums + sums
 
-        Returns:
-            self, with ``layer_normalizers`` set (saved with the detector).
+    def finish_held_out(self) -> None:
+        """Set ``E[δ_l]`` to the mean layer deviation on the held-out in-distribution data.
+
+        Run it through ``model.fit_held_out(id_data)`` with data that is not the
+        fit data (whose deviations are all 0 against bounds taken from them).
 
         Raises:
-            NotFittedError: ``fit`` has not run.
-            ValueError: ``id_data`` is empty.
+            ValueError: the held-out data held no image.
         """
-        rows = [self.layer_deviations(outputs).cpu() for outputs in
-                scoring_outputs(self, model, id_data, progress=progress, desc="gram validation deviations")]
-        if not rows:
-            raise ValueError("fit_normalisation received no in-distribution batches")
-        self.layer_normalizers = _normalizers(torch.cat(rows).mean(dim=0)).to(self.mins.device)
-        return self
+        sums = self._held_out_sums
+        if sums is None:
+            sums = torch.zeros(len(self.layer_sizes) + 1, dtype=torch.float64, device=self.mins.device)
+        all_reduce_sum(sums)
+        self._held_out_sums = None
+        if float(sums[-1]) == 0:
+            raise ValueError("gram: the held-out step received no in-distribution images")
+        self.layer_normalizers = _normalizers(sums[:-1] / sums[-1]).to(self.mins.device)
 
 
 def _normalizers(expected: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..scoring import ScoredSets, detector_labels, score_sets
 from .evaluate import DEFAULT_DETECTORS, evaluate, evaluate_loaders, make_detectors
 from .results import EvaluationResults
-from .scoring import ScoredSets, detector_labels, score_sets
 from .tuning import TuningResult, grid_search, naive_odin_grid_scores, odin_grid_scores, tune
 
 __all__ = [

@@ -14,31 +14,50 @@ test set and on each OOD set (the tuning holdouts are never evaluated).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..detectors import create_detector
+from .._runtime import eval_mode, model_device, model_dtype
+from ..detectors import create_detector, list_detectors
 from ..detectors.base import Detector
-from ..fitting import fit_detectors
+from ..errors import IncompatibleModelError
+from ..fitting import fit_detectors, fit_held_out
 from ..model import OODModel
+from ..model_info import data_config
+from ..scoring import detector_labels, score_sets
+from ..store import FeatureStore, as_store
 from ..tap import Tap
 from .results import EvaluationResults, metrics_per_set
-from .scoring import detector_labels, score_sets
 
-__all__ = ["DEFAULT_DETECTORS", "DetectorSpec", "evaluate", "evaluate_loaders", "make_detectors"]
+__all__ = ["ALL", "DEFAULT_DETECTORS", "DetectorSpec", "all_detectors", "evaluate", "evaluate_loaders", "make_detectors"]
 
 #: what ``evaluate`` and ``timm-ood demo`` run when not told otherwise
 DEFAULT_DETECTORS: tuple[str, ...] = ("msp", "temperature", "odin", "energy", "maxlogit", "entropy", "mahalanobis")
 ID_SET = "id"
 
 DetectorSpec = str | Detector | tuple[str, Mapping[str, Any]]
+#: ``detectors="all"``: every post-hoc detector the model can serve
+ALL = "all"
+#: detectors that need a model made for them (dropout at test time, an ensemble): not in ``"all"``
+NOT_POST_HOC = frozenset({"mc-dropout", "deep-ensemble"})
 
 
-def make_detectors(detectors: Sequence[DetectorSpec] | Mapping[str, Mapping[str, Any]]) -> list[Detector]:
-    """Detector instances from names, instances, ``(name, hyperparameters)`` pairs or a name -> hyperparameters mapping."""
+def make_detectors(
+    detectors: Sequence[DetectorSpec] | Mapping[str, Mapping[str, Any]] | str, tap: Tap | None = None
+) -> list[Detector]:
+    """Detector instances from names, instances, ``(name, hyperparameters)`` pairs or a name -> hyperparameters mapping.
+
+    ``"all"`` is every registered post-hoc detector that the model of ``tap`` can serve (:func:`all_detectors`).
+    """
+    if detectors == ALL:
+        if tap is None:
+            raise ValueError("detectors='all' needs the model: make_detectors('all', Tap(model))")
+        return all_detectors(tap)
     if isinstance(detectors, str):
         detectors = [detectors]
     if isinstance(detectors, Mapping):
@@ -58,6 +77,39 @@ def make_detectors(detectors: Sequence[DetectorSpec] | Mapping[str, Mapping[str,
     return made
 
 
+def all_detectors(tap: Tap) -> list[Detector]:
+    """Every registered detector, with its defaults, that serves this model without training it.
+
+    Left out: detectors whose ``check_model`` refuses the model (no classifier,
+    no intermediates, a head of a training method it lacks), detectors without
+    a fit that refuse the model's outputs (RankFeat on a 1 x 1 final map: probed
+    on two blank images of the model's input size), and those listed in
+    :data:`NOT_POST_HOC`, which need a model built for them.
+    """
+    made = []
+    for name in list_detectors():
+        if name in NOT_POST_HOC:
+            continue
+        detector = create_detector(name)
+        try:
+            detector.check_model(tap)
+        except IncompatibleModelError:
+            continue
+        made.append(detector)
+    probed = [d for d in made if not d.requirements.fit and not d.requirements.input_gradients]
+    if probed:
+        shape = data_config(tap.model)["input_size"]
+        blank = torch.zeros(2, *shape, device=model_device(tap.model), dtype=model_dtype(tap.model))
+        with eval_mode(tap.model), torch.inference_mode():
+            outputs = tap(blank, frozenset().union(*(d.requirements.outputs for d in probed)))
+            for detector in probed:
+                try:
+                    detector.score(outputs)
+                except IncompatibleModelError:
+                    made.remove(detector)
+    return made
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, OODModel) else model
 
@@ -69,16 +121,19 @@ def _architecture(model: nn.Module) -> str:
 
 def evaluate_loaders(
     model: nn.Module,
-    detectors: Sequence[DetectorSpec] = DEFAULT_DETECTORS,
+    detectors: Sequence[DetectorSpec] | str = DEFAULT_DETECTORS,
     *,
     id_data: Iterable,
     ood_data: Mapping[str, Iterable],
     fit_data: Iterable | None = None,
+    held_out_id_data: Iterable | None = None,
+    held_out_ood_data: Iterable | None = None,
     tpr: float = 0.95,
     positive: str = "id",
     benchmark: str = "custom",
     progress: bool | None = None,
     settings: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | FeatureStore | None = None,
 ) -> EvaluationResults:
     """Evaluate detectors on your own loaders: ID test batches against named OOD sets.
 
@@ -88,21 +143,30 @@ def evaluate_loaders(
         id_data: in-distribution test batches ``(images, labels)``.
         ood_data: OOD test batches by set name.
         fit_data: in-distribution training batches, for detectors that fit.
+        held_out_id_data, held_out_ood_data: held-out batches (never evaluation
+            images) for the held-out steps detectors declare (``gram``'s
+            normalisers, ``multi-mahalanobis``'s weights); without them those
+            detectors keep the estimates of their fit.
         tpr: the TPR of FPR@TPR and of the detection error.
         positive: metric reading, ``"id"`` (the seeds') or ``"ood"`` (OpenOOD).
         benchmark: a name for the report.
         progress: tqdm bars (default: on a terminal).
         settings: extra settings to record in the results.
+        cache_dir: a feature store (:mod:`timm_ood.store`): the model's outputs
+            of loaders made by ``timm_ood.data.make_loader`` are read from it
+            when stored (no forward), else computed and stored for later runs.
 
     Raises:
         ValueError: a detector needs fitting and ``fit_data`` is None; an empty set.
     """
     model = _unwrap(model)
-    instances = make_detectors(detectors)
-    labels = detector_labels(instances)
     tap = Tap(model)
+    instances = make_detectors(detectors, tap)
+    labels = detector_labels(instances)
     for detector in instances:
         detector.check_model(tap)
+    store = as_store(cache_dir)
+    bound = None if store is None else store.bind(model)
     unfitted = [d.name for d in instances if d.requirements.fit and not d.is_fitted]
     fit_seconds = dict.fromkeys(labels, 0.0)
     fit_forward = 0.0
@@ -110,14 +174,17 @@ def evaluate_loaders(
         if fit_data is None:
             raise ValueError(f"detectors {unfitted} need in-distribution training data: pass fit_data")
         to_fit = [d for d in instances if d.requirements.fit and not d.is_fitted]
-        times = fit_detectors(tap, to_fit, fit_data, progress=progress)
+        times = fit_detectors(tap, to_fit, fit_data, progress=progress, store=bound)
         fit_forward = times.forward_seconds
         for detector, seconds in zip(to_fit, times.detector_seconds, strict=True):
             fit_seconds[labels[instances.index(detector)]] = seconds
+    if held_out_id_data is not None:
+        fit_held_out(tap, instances, held_out_id_data, held_out_ood_data, progress=progress, store=bound)
     if ID_SET in ood_data:
         raise ValueError(f"an OOD set may not be called {ID_SET!r}")
     started = time.perf_counter()
-    scored = score_sets(tap, instances, {ID_SET: id_data, **ood_data}, labels=labels, progress=progress)
+    scored = score_sets(tap, instances, {ID_SET: id_data, **ood_data}, labels=labels, progress=progress,
+                        store=bound)
     score_wall = time.perf_counter() - started
     accuracy = None
     if ID_SET in scored.predictions and ID_SET in scored.labels:
@@ -143,6 +210,7 @@ def evaluate_loaders(
             "hyperparameters": {label: d.hyperparameters() for label, d in zip(labels, instances, strict=True)},
             "fit_forward_seconds": fit_forward,
             "score_wall_seconds": score_wall,
+            "cache_dir": None if store is None else str(store.root),
             **(settings or {}),
         },
         scored=scored,
@@ -151,7 +219,7 @@ def evaluate_loaders(
 
 def evaluate(
     model: nn.Module,
-    detectors: Sequence[DetectorSpec] = DEFAULT_DETECTORS,
+    detectors: Sequence[DetectorSpec] | str = DEFAULT_DETECTORS,
     benchmark: Any = "fashion-mnist",
     *,
     ood_sets: Sequence[str] | None = None,
@@ -162,12 +230,14 @@ def evaluate(
     max_fit_images: int | None = None,
     num_workers: int = 0,
     progress: bool | None = None,
+    cache_dir: str | os.PathLike | FeatureStore | None = None,
 ) -> EvaluationResults:
     """Evaluate detectors on a benchmark: per detector x OOD set, the five metrics of ODIN's Table 2.
 
     Args:
         model: a timm model trained on the benchmark's in-distribution data (or an ``OODModel``).
-        detectors: names, instances or ``(name, hyperparameters)`` pairs.
+        detectors: names, instances or ``(name, hyperparameters)`` pairs, or
+            ``"all"``: every post-hoc detector the model can serve.
         benchmark: a registered benchmark name (``timm_ood.data.list_benchmarks()``)
             or a loaded ``timm_ood.data.Benchmark``.
         ood_sets: evaluate only these OOD sets (default all).
@@ -178,6 +248,9 @@ def evaluate(
         max_fit_images: use at most this many ID training images for fitting.
         num_workers: DataLoader workers.
         progress: tqdm bars (default: on a terminal).
+        cache_dir: a feature store directory (:mod:`timm_ood.store`): the model's
+            outputs for each set are computed once and read by every later
+            evaluation of the same model and data (``"~/.cache/timm-ood/outputs"``).
 
     Returns:
         :class:`~timm_ood.evaluation.results.EvaluationResults`: ``.table()``, ``.save(dir)``.
@@ -208,4 +281,5 @@ def evaluate(
         benchmark=bench.name,
         progress=progress,
         settings={"batch_size": batch_size, "max_images": max_images, "max_fit_images": max_fit_images},
+        cache_dir=cache_dir,
     )

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from ..distributed import is_main_process
+from ..scoring import ScoredSets
 from .plots import plot_roc_curves, plot_score_histograms
-from .scoring import ScoredSets
 
 __all__ = ["METRIC_TITLES", "TABLE_METRICS", "EvaluationResults", "markdown_table"]
 
@@ -145,10 +146,15 @@ class EvaluationResults:
             plots: also draw ROC curves and score histograms per detector.
             command: the command line that produced the results, recorded in the markdown.
 
+        Under torch.distributed only rank 0 writes (every rank holds the same
+        results); the other ranks get ``{}``.
+
         Returns:
             The written paths by kind (``"markdown"``, ``"json"``, ``"csv"``,
             ``"roc:<detector>"``, ``"histogram:<detector>"``).
         """
+        if not is_main_process():
+            return {}
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {"markdown": out / "results.md", "json": out / "results.json",

@@ -35,17 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._runtime import eval_mode, model_device, model_dtype
-from ..batches import check_images, iter_batches
+from .._runtime import eval_mode
 from ..detectors import create_detector, get_detector_class
 from ..detectors.base import Detector
 from ..detectors.logits import negative_log_max_softmax
 from ..detectors.odin import odin_scores
 from ..detectors.perturbation import signed_step
+from ..distributed import all_gather_rows
 from ..fitting import fit_detectors
 from ..metrics import fpr_at_tpr, ood_metrics
 from ..model import OODModel
-from ..tap import Tap
+from ..passes import run_pass
+from ..scoring import score_sets
+from ..tap import Outputs, Tap
 from .results import markdown_table
 
 __all__ = ["TuningResult", "grid_search", "naive_odin_grid_scores", "odin_grid_scores", "tune"]
@@ -214,24 +216,21 @@ class TuningResult:
         return text
 
 
-def _batches_on(data: Iterable, tap: Tap, progress: bool | None, desc: str):
-    device, dtype = model_device(tap.model), model_dtype(tap.model)
-    total = len(data) if hasattr(data, "__len__") else None
-    for images, _ in tqdm(iter_batches(data), total=total, desc=desc, leave=False,
-                          disable=None if progress is None else not progress):
-        yield check_images(images, tap).to(device=device, dtype=dtype)
-
-
 def _odin_values(
     tap: Tap, sets: Mapping[str, Iterable], space: Mapping[str, Sequence[float]], progress: bool | None
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     temperatures, epsilons = list(space["temperature"]), list(space["epsilon"])
     scores = {}
-    with eval_mode(tap.model):
-        for name, data in sets.items():
-            chunks = [odin_grid_scores(tap, x, temperatures, epsilons).cpu()
-                      for x in _batches_on(data, tap, progress, f"ODIN grid on {name}")]
-            scores[name] = torch.cat(chunks, dim=2).flatten(0, 1)  # [grid, N]
+    for name, data in sets.items():
+        chunks: list[torch.Tensor] = []
+
+        def consume(outputs: Outputs, labels: torch.Tensor | None, chunks=chunks) -> None:
+            chunks.append(odin_grid_scores(tap, outputs.inputs, temperatures, epsilons).cpu())
+
+        run_pass(tap, data, (), consume, gradients=True, desc=f"ODIN grid on {name}", progress=progress)
+        local = torch.cat(chunks, dim=2) if chunks else torch.zeros(len(temperatures), len(epsilons), 0,
+                                                                     dtype=torch.float64)
+        scores[name] = all_gather_rows(local.flatten(0, 1).T).T  # [grid, N] of every rank
     grid = [{"temperature": t, "epsilon": e} for t in temperatures for e in epsilons]
     return grid, scores
 
@@ -247,11 +246,13 @@ def _generic_values(
     detector = create_detector(detector_name, **{**fixed, **grid[0]})
     detector.check_model(tap)
     needs = detector.requirements.outputs
-    cached: dict[str, list] | None = None
-    if not detector.requirements.input_gradients:
-        with eval_mode(tap.model), torch.inference_mode():
-            cached = {name: [tap(x, needs) for x in _batches_on(data, tap, progress, f"forward {name}")]
-                      for name, data in sets.items()}
+    cached: dict[str, list[Outputs]] | None = None
+    if not detector.requirements.input_gradients and not detector.requirements.collective_scores:
+        # one forward of the tuning images serves every grid point
+        cached = {name: [] for name in sets}
+        for name, data in sets.items():
+            run_pass(tap, data, needs, lambda outputs, labels, kept=cached[name]: kept.append(outputs),
+                     desc=f"forward {name}", progress=progress)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
     fitted_for: tuple | None = None
     for combo in tqdm(grid, desc=f"grid {detector_name}", leave=False,
@@ -263,12 +264,15 @@ def _generic_values(
                 raise ValueError(f"{detector_name} needs fitting: pass fit data (the benchmark's ID training set)")
             fit_detectors(tap, [detector], fit_data, progress=progress)
             fitted_for = fit_key
-        grad_mode = torch.no_grad if detector.requirements.input_gradients else torch.inference_mode
-        with eval_mode(tap.model, detector), grad_mode():
-            for name, data in sets.items():
-                batches = cached[name] if cached is not None else \
-                    [tap(x, needs) for x in _batches_on(data, tap, None, name)]
-                scores[name].append(torch.cat([detector(outputs).to("cpu", torch.float64) for outputs in batches]))
+        for name, data in sets.items():
+            if cached is not None:
+                with eval_mode(tap.model, detector), torch.inference_mode():
+                    local = [detector(outputs).to("cpu", torch.float64) for outputs in cached[name]]
+                local_scores = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+                scores[name].append(all_gather_rows(local_scores))
+            else:
+                scored = score_sets(tap, [detector], {name: data}, labels=["score"], with_predictions=False)
+                scores[name].append(scored.scores["score"][name])
     return grid, {name: torch.stack(per_combo) for name, per_combo in scores.items()}
 
 

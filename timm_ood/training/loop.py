@@ -5,6 +5,8 @@ step) learning-rate schedule over all steps, optional batch augmentation,
 seeded. What a step minimises is an :class:`~timm_ood.training.objectives.Objective`
 (a plain loss is adapted), and an optional auxiliary-outlier source is
 interleaved with the in-distribution batches, one outlier batch per step.
+Under an initialised torch.distributed process group each rank trains on its
+part of the data and the replicas stay identical (see :func:`fit`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from tqdm.auto import tqdm
 
 from .._runtime import eval_mode, model_device
 from ..batches import check_class_labels, iter_batches
+from ..distributed import all_reduce_sum, is_main_process, world
+from ..passes import shard
 from ..tap import inspect_head
+from . import _distributed
 from .augment import random_crop_flip
 from .objectives import as_objective
 from .outliers import OutlierSource, as_outlier_source
@@ -102,14 +107,21 @@ def make_schedule(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable) -> float:
-    """Top-1 accuracy of ``model`` over labelled batches (in eval mode)."""
+    """Top-1 accuracy of ``model`` over labelled batches (in eval mode).
+
+    Under torch.distributed each rank reads its part of ``data``
+    (:func:`timm_ood.passes.shard`) and the counts are summed: every rank returns the whole data's accuracy.
+    """
     device = model_device(model)
     correct = total = 0
     with eval_mode(model):
-        for images, labels in iter_batches(data):
+        for images, labels in iter_batches(shard(data)):
             predictions = model(images.to(device)).argmax(dim=1).cpu()
             correct += int((predictions == labels.cpu()).sum())
             total += len(labels)
+    counts = torch.tensor([correct, total], dtype=torch.long)
+    all_reduce_sum(counts)
+    correct, total = counts.tolist()
     if total == 0:
         raise ValueError("accuracy needs at least one labelled image")
     return correct / total
@@ -205,21 +217,52 @@ def fit(
             ``torch.manual_seed`` before ``timm.create_model`` to make them reproducible.
         eval_data: labelled batches to report accuracy on after each epoch.
         max_grad_norm: clip the gradient norm (off by default).
-        progress: tqdm bars (default: on a terminal).
+        progress: tqdm bars (default: on a terminal; only on rank 0 under torch.distributed).
 
     Returns:
         The per-epoch history; the model is left in eval mode.
+
+    Under torch.distributed (any initialised process group of more than one
+    process: torchrun, Accelerate, Lightning), call ``fit`` on every rank with the
+    same arguments; each rank trains its replica on its part of the data:
+
+    - a ``Dataset`` (or a map-style ``make_loader`` loader) is read in global batches
+      of ``world_size x batch_size`` rows in the order one process would read them
+      (shuffled with ``seed`` each epoch), each rank taking its ``batch_size`` rows;
+      the last incomplete global batch is dropped. ``batch_size`` is per rank: two
+      ranks of 64 see the batches of one process of 128.
+    - any other ``train_data`` is split by :func:`timm_ood.passes.shard` (its own
+      ``for_rank``, every ``world_size``-th batch, or kept when it has a
+      ``DistributedSampler``, whose ``set_epoch`` is called each epoch), and every
+      rank takes as many steps as the rank with the fewest batches (extra batches
+      are dropped). A DataLoader shuffled without a ``generator`` is refused.
+    - an iterable of outlier batches is split the same way (an ``OutlierSource``
+      is used as given, on each rank).
+    - rank 0's weights are copied to every rank first; after each backward the
+      gradients (the objective's parameters included) are averaged over the ranks,
+      before clipping; BatchNorm normalises with each rank's batch statistics, and
+      the running statistics are averaged over the ranks after each epoch, so the
+      replicas end identical.
+    - dropout, drop-path and augmentation are seeded with ``seed + rank``; the
+      recorded loss and accuracy are over all ranks' images (``eval_data`` is
+      split too).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    rank, world_size = world()
+    torch.manual_seed(seed + rank)
+    generator = torch.Generator().manual_seed(seed + rank)
     device = model_device(model)
     objective = as_objective(loss, with_outliers=outliers is not None).to(device)
     if objective.uses_outliers and outliers is None:
         raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
+    if outliers is not None and world_size > 1 and not isinstance(outliers, OutlierSource):
+        outliers = _distributed.shard_outliers(outliers)
     outlier_source = None if outliers is None else as_outlier_source(outliers)
     loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
+    if world_size > 1:
+        loader, steps_per_epoch = _distributed.rank_loader(loader, seed)
+        _distributed.broadcast_from_main([model, objective])
     num_classes = inspect_head(model).num_classes
     parameters = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     lr = DEFAULT_LR.get(optimizer, 0.1) if lr is None else lr
@@ -230,7 +273,7 @@ def fit(
         start, total_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
         bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
-                   disable=None if progress is None else not progress)
+                   disable=not is_main_process() or (None if progress is None else not progress))
         for images, labels in bar:
             images, labels = _training_batch(images, labels, device, augment, generator, num_classes)
             outlier_images = None
@@ -238,20 +281,28 @@ def fit(
                 outlier_images = outlier_source.next_batch(model, len(images)).to(device)
                 model.train()  # a sampler may have scored candidates in eval mode
             step_loss = objective(model, images, labels, outlier_images)
-            if not torch.isfinite(step_loss):
+            # summed over the ranks before backward: a diverging rank stops every rank
+            step_sum = torch.tensor([float(step_loss.detach()) * len(images), len(images)], dtype=torch.float64)
+            all_reduce_sum(step_sum)
+            loss_sum, count = step_sum.tolist()
+            if not math.isfinite(loss_sum):
                 raise FloatingPointError(
-                    f"the training loss became {float(step_loss.detach())} at epoch {epoch}: lower the learning rate "
-                    f"(now {scheduler.get_last_lr()[0]:.3g}) or set max_grad_norm"
+                    f"the training loss became {loss_sum / count} at epoch {epoch}: lower the learning "
+                    f"rate (now {scheduler.get_last_lr()[0]:.3g}) or set max_grad_norm"
                 )
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
+            if world_size > 1:
+                _distributed.average_gradients(parameters)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
             opt.step()
             scheduler.step()
-            total_loss += float(step_loss.detach()) * len(images)
-            seen += len(images)
+            total_loss += loss_sum
+            seen += int(count)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if world_size > 1:
+            _distributed.sync_buffers([model, objective])
         record = EpochRecord(epoch, total_loss / max(seen, 1), scheduler.get_last_lr()[0], time.perf_counter() - start)
         if eval_data is not None:
             record.accuracy = accuracy(model, eval_data)

@@ -1,4 +1,4 @@
-"""Scoring many detectors on many datasets, one shared forward per batch.
+"""Scoring many detectors on many datasets, one shared forward per batch (through :mod:`timm_ood.passes`).
 
 For every batch the tap computes the union of what the detectors read
 (:class:`~timm_ood.detectors.base.Requirements`); each detector then scores
@@ -14,12 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from .._runtime import eval_mode, model_device, model_dtype
-from ..batches import check_images, iter_batches
-from ..detectors.base import Detector
-from ..tap import Need, Tap
+from .detectors.base import Detector
+from .distributed import all_gather_rows, world
+from .passes import run_pass
+from .store import BoundStore
+from .tap import Need, Outputs, Tap
 
 __all__ = ["ScoredSets", "detector_labels", "score_sets"]
 
@@ -64,11 +64,6 @@ class ScoredSets:
     images: dict[str, int] = field(default_factory=dict)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def score_sets(
     tap: Tap,
     detectors: Sequence[Detector],
@@ -77,8 +72,17 @@ def score_sets(
     labels: Sequence[str] | None = None,
     with_predictions: bool = True,
     progress: bool | None = None,
+    store: BoundStore | None = None,
+    desc: str = "score",
 ) -> ScoredSets:
-    """Score each dataset with every detector.
+    """Score each dataset with every detector, one pass of the driver per dataset.
+
+    Detectors read the outputs of one shared forward per batch. With a feature
+    store, those outputs are read from it when stored (no forward at all), and
+    detectors that take input gradients (ODIN) run their own pass over the
+    images. Under torch.distributed every rank scores its part of each dataset
+    and then holds the scores, labels and predictions of all ranks (in rank
+    order), so metrics equal those of one process.
 
     Args:
         tap: the model's tap.
@@ -87,6 +91,8 @@ def score_sets(
         labels: one label per detector (default :func:`detector_labels`).
         with_predictions: also keep the argmax of the logits (for ID accuracy).
         progress: tqdm bars (default: on a terminal).
+        store: a feature store bound to the model (:mod:`timm_ood.store`).
+        desc: the progress bars' label (followed by the dataset's name).
 
     Raises:
         ValueError: a dataset yielded no images.
@@ -97,41 +103,58 @@ def score_sets(
     for detector in detectors:
         detector.check_fitted()
     with_predictions = with_predictions and tap.head_info.has_logits
-    needs = frozenset().union(*(d.requirements.outputs for d in detectors))
-    if with_predictions:
-        needs |= {Need.LOGITS}
-    any_gradients = any(d.requirements.input_gradients for d in detectors)
-    device, dtype = model_device(tap.model), model_dtype(tap.model)
+    by_label = dict(zip(labels, detectors, strict=True))
+    # with a store, detectors that read the images run their own pass; the others read stored outputs
+    separate = store is not None and any(d.requirements.input_gradients for d in detectors)
+    groups = [[lb for lb in labels if not by_label[lb].requirements.input_gradients],
+              [lb for lb in labels if by_label[lb].requirements.input_gradients]] if separate else [labels]
     result = ScoredSets(seconds=dict.fromkeys(labels, 0.0))
-    grad_mode = torch.no_grad if any_gradients else torch.inference_mode
-    with eval_mode(tap.model, *detectors), grad_mode():
-        for set_name, data in datasets.items():
-            per_detector: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
-            set_labels, set_predictions = [], []
-            total = len(data) if hasattr(data, "__len__") else None
-            for images, batch_labels in tqdm(iter_batches(data), total=total, desc=f"score {set_name}",
-                                             leave=False, disable=None if progress is None else not progress):
-                images = check_images(images, tap).to(device=device, dtype=dtype)
-                start = time.perf_counter()
-                outputs = tap(images, needs)
-                _synchronize(device)
-                result.forward_seconds += time.perf_counter() - start
-                for label, detector in zip(labels, detectors, strict=True):
+    for set_name, data in datasets.items():
+        per_detector: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
+        set_labels: list[torch.Tensor] = []
+        set_predictions: list[torch.Tensor] = []
+        for index, group in enumerate(g for g in groups if g):
+            members = [by_label[label] for label in group]
+            needs = frozenset().union(*(d.requirements.outputs for d in members))
+            first = index == 0
+            if first and with_predictions:
+                needs |= {Need.LOGITS}
+
+            def consume(outputs: Outputs, batch_labels: torch.Tensor | None, group=group, first=first,
+                        per_detector=per_detector, set_labels=set_labels, set_predictions=set_predictions) -> None:
+                for label in group:
                     start = time.perf_counter()
-                    scores = detector(outputs)
+                    scores = by_label[label](outputs)
                     per_detector[label].append(scores.detach().to("cpu", torch.float64))
                     result.seconds[label] += time.perf_counter() - start
+                if not first:
+                    return
                 if batch_labels is not None:
                     set_labels.append(batch_labels.cpu())
                 if with_predictions:
                     set_predictions.append(outputs.logits.argmax(dim=1).cpu())
-            if not per_detector[labels[0]]:
+
+            gradients = any(d.requirements.input_gradients for d in members)
+            stats = run_pass(tap, data, needs, consume, gradients=gradients, modules=members,
+                             store=None if gradients else store,
+                             lockstep=any(d.requirements.collective_scores for d in members),
+                             desc=f"{desc} {set_name}", progress=progress)
+            result.forward_seconds += stats.forward_seconds
+            if stats.total_images == 0:
                 raise ValueError(f"dataset {set_name!r} yielded no images: there is nothing to score")
-            for label in labels:
-                result.scores.setdefault(label, {})[set_name] = torch.cat(per_detector[label])
-            result.images[set_name] = len(result.scores[labels[0]][set_name])
-            if set_labels:
-                result.labels[set_name] = torch.cat(set_labels)
-            if set_predictions:
-                result.predictions[set_name] = torch.cat(set_predictions)
+        for label in labels:
+            result.scores.setdefault(label, {})[set_name] = _gathered(per_detector[label], torch.float64)
+        result.images[set_name] = len(result.scores[labels[0]][set_name])
+        if set_labels or world()[1] > 1:
+            gathered = _gathered(set_labels, torch.long)
+            if len(gathered) == result.images[set_name]:
+                result.labels[set_name] = gathered
+        if with_predictions:
+            result.predictions[set_name] = _gathered(set_predictions, torch.long)
     return result
+
+
+def _gathered(chunks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """This rank's chunks concatenated, then every rank's in rank order (under torch.distributed)."""
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dtype=dtype)
+    return all_gather_rows(local.to(dtype))
