@@ -195,3 +195,17 @@ def test_fitted_states_are_stored_and_loaded_for_the_same_model_data_and_hyperpa
     assert torch.equal(again.ood_score(images), first.ood_score(images))
     timm_ood.wrap(model, "vim", principal_dim=3).fit(loader, progress=False, cache_dir=tmp_path)  # refits
     assert len(list(tmp_path.rglob("fitted/*.safetensors"))) == 2
+
+
+def test_outputs_computed_under_autocast_have_their_own_key(sets, tmp_path) -> None:
+    model = grey_model()
+    counter = ForwardCounter(model)
+    plain = run(model, sets, ["msp"], tmp_path)
+    counter.images = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run(model, sets, ["msp"], tmp_path)
+    assert counter.images == 70 + 45, "bfloat16 outputs are not the float32 ones: computed again"
+    counter.images = 0
+    again = run(model, sets, ["msp"], tmp_path)
+    assert counter.images == 0 and again.metrics == plain.metrics
+    assert not torch.equal(autocast.scored.scores["msp"]["noise"], plain.scored.scores["msp"]["noise"])

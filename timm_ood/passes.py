@@ -170,13 +170,14 @@ def _open_store(
     usable = store is not None and not gradients and bool(needs) and fingerprint is not None and total is not None
     if all_reduce_max(torch.tensor(0 if usable else 1)).item():
         return None, None, needs
-    entry = store.store.find(store.key, fingerprint, needs)
+    key = store.key  # read now: autocast changes it
+    entry = store.store.find(key, fingerprint, needs)
     missing = all_reduce_max(torch.tensor(0 if entry is not None else 1)).item()
     if not missing:
         return entry, None, needs
     # one entry holds every output this model and data were stored with, so it serves all later passes
-    computed = needs | store.store.stored_needs(store.key, fingerprint)
-    return None, store.store.writer(store.key, fingerprint, computed, rows, total), computed
+    computed = needs | store.store.stored_needs(key, fingerprint)
+    return None, store.store.writer(key, fingerprint, computed, rows, total), computed
 
 
 def _batch_size(data: Iterable) -> int:

@@ -362,8 +362,17 @@ class BoundStore:
 
     def __init__(self, store: FeatureStore, model: nn.Module) -> None:
         self.store = store
-        described = model_key(model)
-        self.key = {"digest": _digest(described), **described}
+        self._described = model_key(model)
+        parameter = next(iter(model.parameters()), None)
+        self._device_type = parameter.device.type if parameter is not None else "cpu"
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The model's key as it computes now: with the autocast dtype when autocast is on (its outputs differ)."""
+        described = dict(self._described)
+        if torch.is_autocast_enabled(self._device_type):
+            described["autocast"] = str(torch.get_autocast_dtype(self._device_type))
+        return {"digest": _digest(described), **described}
 
     def fitted_path(self, detector: Detector, data_fingerprint: str) -> Path:
         """Where the fitted state of ``detector`` on this model and data is kept."""
@@ -375,7 +384,8 @@ class BoundStore:
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "version": STORE_VERSION,
         }
-        directory = self.store._directory(self.key["digest"], data_fingerprint) / "fitted"
+        key = self.key
+        directory = self.store._directory(key["digest"], data_fingerprint) / "fitted"
         return directory / f"{detector.name}-{_digest(described)[:24]}.safetensors"
 
     def load_fitted(self, detector: Detector, data_fingerprint: str) -> bool:
