@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -184,7 +194,8 @@ def _tune(args: argparse.Namespace) -> None:
     from timm_ood.evaluation import tune
 
     result = tune(_load_model(args), args.detector, args.benchmark, protocol=args.protocol,
-                  batch_size=args.batch_size, max_images=args.max_images, progress=not args.quiet and is_main_process())
+                  batch_size=args.batch_size, max_images=args.max_images, num_workers=args.workers,
+                  progress=not args.quiet and is_main_process())
     _say(result.table())
     _say(f"\nbest on average over the sets: {result.best_average} ({result.seconds:.1f} s)")
     if args.out and is_main_process():
@@ -298,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto",
                          help="cpu, cuda, cuda:1, ... (default auto: this rank's GPU under torchrun, else a GPU if "
                               "there is one, else the CPU)")
-        sub.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+        sub.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
 
     evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
     model_args(evaluation)

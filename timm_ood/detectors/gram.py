@@ -17,6 +17,13 @@ __all__ = ["Gram", "gram_features"]
 
 #: Bounds closer to 0 than this divide deviations by it instead (the authors' code adds 1e-6).
 BOUND_FLOOR = 1e-6
+#: Values of a feature map that :func:`_row_sums` raises through all the orders at a time on a CPU: a
+#: chunk of the batch this size stays in the cache, where a whole batch of an early map (tens of MB in
+#: float64) would be streamed from memory four times per order
+CPU_CHUNK_VALUES = 1 << 17
+#: Relative slack of the cuts that screen row sums for deviations (:func:`_layer_deviation`): far above
+#: the rounding of a p-th power and of a p-th root (a few ulps)
+CUT_SLACK = 1e-12
 
 
 def gram_features(feature_map: torch.Tensor, max_power: int) -> torch.Tensor:
@@ -27,15 +34,54 @@ def gram_features(feature_map: torch.Tensor, max_power: int) -> torch.Tensor:
     Row i of ``F^p F^pᵀ`` sums to ``Σ_s F^p_is Σ_j F^p_js``, so no C x C
     matrix is formed. Ordered power-major: ``[p=1: C values, p=2: C values, ...]``.
     """
-    flat = feature_map.flatten(2).to(torch.float64)  # [B, C, S]
-    rows = []
-    powered = flat
-    for power in range(1, max_power + 1):
-        if power > 1:
-            powered = powered * flat  # F^p by one product per order: a generic pow is ~20x slower
-        sums = torch.bmm(powered, powered.sum(dim=1).unsqueeze(2)).squeeze(2)  # [B, C]
-        rows.append(sums.sign() * sums.abs().pow(1 / power))
-    return torch.cat(rows, dim=1)
+    return _roots(_row_sums(feature_map, max_power))
+
+
+def _row_sums(feature_map: torch.Tensor, max_power: int) -> torch.Tensor:
+    """The row sums ``v = Σ_s F^p_is Σ_j F^p_js`` before their root, [B, P, C] float64.
+
+    The root is monotonic, so order statistics and bound checks can be taken
+    on these and only what they select rooted (the roots cost more than the sums).
+    """
+    flat = feature_map.flatten(2)  # [B, C, S]
+    batch, channels, positions = flat.shape
+    step = max(1, CPU_CHUNK_VALUES // max(1, channels * positions)) if flat.device.type == "cpu" else max(1, batch)
+    # few positions per channel (late CNN stages): [b, S, C], so that the column sums run along whole rows
+    # of channels and bmm takes one row vector times a short matrix (~2x faster there than [b, C, S])
+    few = 4 * positions <= channels
+    chunks = []
+    for chunk in flat.split(step):  # an empty batch is one empty chunk
+        chunk = (chunk.transpose(1, 2) if few else chunk).to(torch.float64, memory_format=torch.contiguous_format)
+        powered, orders = chunk, []
+        for power in range(1, max_power + 1):
+            if power > 1:
+                powered = powered * chunk  # F^p by one product per order: a generic pow is ~20x slower
+            # the column sums as the transposed view of a kept dim: bmm's fast path for these small matrices
+            # (a contiguous [b, S, 1] column is ~5x slower, a product and a sum ~1.5x)
+            if few:
+                orders.append(torch.bmm(powered.sum(dim=2, keepdim=True).mT, powered).squeeze(1))  # [b, C]
+            else:
+                orders.append(torch.bmm(powered, powered.sum(dim=1, keepdim=True).mT).squeeze(2))
+        chunks.append(torch.stack(orders, dim=1))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def _roots(row_sums: torch.Tensor) -> torch.Tensor:
+    """The Gram values of row sums [..., P, C] (order p at position p - 1), power-major [..., P·C]."""
+    return torch.cat([_root(sums, power) for power, sums in enumerate(row_sums.unbind(-2), start=1)], dim=-1)
+
+
+def _root(sums: torch.Tensor, power: int | torch.Tensor) -> torch.Tensor:
+    """``sign(v) |v|^(1/p)`` of row sums of order ``power``: an int, or a float64 tensor of orders.
+
+    Both forms give the bits of torch's pow with a number (which takes the
+    square root for p = 2 and returns ``v`` for p = 1). copysign instead of
+    multiplying by the sign: one op fewer, and ±inf stays ±inf.
+    """
+    if isinstance(power, int):
+        return sums if power == 1 else sums.abs().pow(1 / power).copysign(sums)
+    magnitude = sums.abs()
+    return torch.where(power == 2, magnitude.sqrt(), magnitude.pow(1 / power)).copysign(sums)
 
 
 def _denominator(bounds: torch.Tensor) -> torch.Tensor:
@@ -48,13 +94,60 @@ def _two_smallest(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -
     Order statistics count repeated values: a minimum that occurs twice is also
     the second smallest.
     """
-    index = groups[:, None].expand_as(values)
-    full = values.new_full((num_groups, values.shape[1]), torch.inf)
-    first = full.scatter_reduce(0, index, values, "amin")
-    is_first = values == first[groups]
-    occurrences = torch.zeros_like(first).index_add_(0, groups, is_first.to(values.dtype))
-    rest = full.scatter_reduce(0, index, values.masked_fill(is_first, torch.inf), "amin")
-    return torch.stack([first, torch.where(occurrences >= 2, first, rest)])
+    smallest = values.new_full((2, num_groups, values.shape[1]), torch.inf)
+    for group in torch.unique(groups).tolist():  # reductions along the rows of each group beat scatter_reduce
+        members = values[groups == group]  # a copy
+        first = members.amin(dim=0)
+        is_first = members == first
+        rest = members.masked_fill_(is_first, torch.inf).amin(dim=0)
+        smallest[0, group] = first
+        smallest[1, group] = torch.where(is_first.sum(dim=0) >= 2, first, rest)
+    return smallest
+
+
+def _rooted(row_sums: torch.Tensor, sizes: list[int], max_power: int) -> torch.Tensor:
+    """The Gram values of row sums [..., F] laid out as :meth:`Gram.features` lays out its values."""
+    return torch.cat([_roots(layer.unflatten(-1, (max_power, -1))) for layer in row_sums.split(sizes, dim=-1)], dim=-1)
+
+
+def _layer_deviation(row_sums: torch.Tensor, predicted: torch.Tensor, low: torch.Tensor,
+                     high: torch.Tensor) -> torch.Tensor:
+    """``δ_l``: one layer's deviations from the bounds [K, P, C] of the predicted classes, summed, [B] float64.
+
+    The root is monotonic, so a Gram value can deviate only where its row sum
+    lies outside the bounds raised back to their order (:func:`_cut`): only
+    those entries, a few percent on most data, are rooted and measured; the
+    others deviate by exactly 0. They are summed in place among the zeros, so
+    the sums are those of every entry's deviation.
+    """
+    _, max_power, channels = row_sums.shape
+    width = max_power * channels
+    orders = torch.arange(1, max_power + 1, dtype=torch.float64, device=row_sums.device)
+    flat = row_sums.flatten(1)
+    inside = ((flat >= _cut(low, orders[:, None], 1.0).flatten(1)[predicted])
+              & (flat <= _cut(high, orders[:, None], -1.0).flatten(1)[predicted]))  # False for NaN
+    index = (~inside).flatten().nonzero().squeeze(1)
+    entry = index % width  # order-major within the layer, as the bounds
+    values = _root(flat.flatten().take(index), orders[entry // channels])
+    bound = predicted[index // width] * width + entry
+    lo, hi = low.flatten().take(bound), high.flatten().take(bound)
+    deviations = torch.zeros_like(flat).flatten().index_put_(
+        (index,), (lo - values).clamp_min(0) / _denominator(lo) + (values - hi).clamp_min(0) / _denominator(hi))
+    return deviations.view_as(flat).sum(dim=1)
+
+
+def _cut(bounds: torch.Tensor, orders: torch.Tensor, side: float) -> torch.Tensor:
+    """``sign(b) |b|^p`` of bounds [K, P, C] of orders [P, 1], moved into the bounds by the slack.
+
+    ``side``: +1 for lower bounds (moved up), -1 for upper ones (moved down),
+    so a cut only ever lets more entries be measured. A bound of 0 cuts at 0
+    (ReLU maps have many zeros); the others move off 0 at least, where their
+    power underflows. A cut that is not a number (an infinite bound) measures
+    every entry.
+    """
+    raw = bounds.abs().pow(orders).copysign(bounds)
+    slack = raw.abs() * CUT_SLACK + (bounds != 0).to(raw.dtype) * torch.finfo(raw.dtype).tiny
+    return (raw + side * slack).nan_to_num(nan=side * torch.inf, posinf=torch.inf, neginf=-torch.inf)
 
 
 def _merge_two_smallest(*pairs: torch.Tensor) -> torch.Tensor:
@@ -144,15 +237,17 @@ class Gram(Detector):
         self._smallest = self._largest = self._counts = None
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
+        maps, logits = outputs.intermediates, outputs.logits
         if not self._positions:
-            maps = outputs.intermediates
             self._positions = resolve_layers(self.layers, len(maps), self.name)
             self._sizes = [self.max_power * maps[p].shape[1] for p in self._positions]
-        values = self.features(outputs, self._positions)
-        logits = outputs.logits
         predicted, classes = logits.argmax(dim=1), logits.shape[1]
-        smallest = _two_smallest(values, predicted, classes)
-        largest = _two_smallest(-values, predicted, classes)
+        smallest, largest = [], []
+        for position in self._positions:  # order statistics of the row sums: finish_fit roots them
+            sums = _row_sums(maps[position], self.max_power).flatten(1)
+            smallest.append(_two_smallest(sums, predicted, classes))
+            largest.append(_two_smallest(sums.neg_(), predicted, classes))
+        smallest, largest = torch.cat(smallest, dim=2), torch.cat(largest, dim=2)
         counts = torch.bincount(predicted, minlength=classes).to(torch.float64)
         if self._smallest is None:
             self._smallest, self._largest, self._counts = smallest, largest, counts
@@ -165,8 +260,9 @@ class Gram(Detector):
         if self._smallest is None:
             raise ValueError("fit received no samples: the in-distribution data is empty")
         all_reduce_sum(self._counts)
-        smallest = _merge_two_smallest(*gather_stacked(self._smallest))
-        largest = -_merge_two_smallest(*gather_stacked(self._largest))  # [max, second max]
+        # the root is monotonic: the rooted order statistics of the row sums are those of the Gram values
+        smallest = _rooted(_merge_two_smallest(*gather_stacked(self._smallest)), self._sizes, self.max_power)
+        largest = _rooted(-_merge_two_smallest(*gather_stacked(self._largest)), self._sizes, self.max_power)
         seen = self._counts > 0
         mins = torch.where(seen[:, None], smallest[0], smallest[0].amin(dim=0))
         maxs = torch.where(seen[:, None], largest[0], largest[0].amax(dim=0))
@@ -187,11 +283,15 @@ class Gram(Detector):
     # -- scoring ------------------------------------------------------------------------------
     def layer_deviations(self, outputs: Outputs) -> torch.Tensor:
         """``δ_l(x)`` of every layer against the bounds of the predicted class, [B, L] float64."""
-        values = self.features(outputs)
-        predicted = outputs.logits.argmax(dim=1)
-        low, high = self.mins.to(torch.float64)[predicted], self.maxs.to(torch.float64)[predicted]
-        deviations = (low - values).clamp_min(0) / _denominator(low) + (values - high).clamp_min(0) / _denominator(high)
-        return torch.stack([chunk.sum(dim=1) for chunk in deviations.split(self.layer_sizes.tolist(), dim=1)], dim=1)
+        maps, predicted = outputs.intermediates, outputs.logits.argmax(dim=1)
+        sizes, orders = self.layer_sizes.tolist(), (self.max_power, -1)
+        lows = self.mins.to(torch.float64).split(sizes, dim=1)
+        highs = self.maxs.to(torch.float64).split(sizes, dim=1)
+        return torch.stack([
+            _layer_deviation(_row_sums(maps[position], self.max_power), predicted,
+                             low.unflatten(1, orders), high.unflatten(1, orders))
+            for position, low, high in zip(self.layer_indices.tolist(), lows, highs, strict=True)
+        ], dim=1)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         total = (self.layer_deviations(outputs) / self.layer_normalizers.to(torch.float64)).sum(dim=1)

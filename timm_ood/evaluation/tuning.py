@@ -336,6 +336,7 @@ def tune(
     batch_size: int = 256,
     ood_sets: Sequence[str] | None = None,
     max_images: int | None = None,
+    num_workers: int = 0,
     progress: bool | None = None,
 ) -> TuningResult:
     """Tune a detector on a benchmark's held-out tuning images (ODIN's protocol).
@@ -353,6 +354,7 @@ def tune(
         batch_size: images per batch.
         ood_sets: restrict to these OOD sets.
         max_images: use at most this many images per tuning / evaluation set (quick runs).
+        num_workers: DataLoader workers.
 
     Returns:
         A :class:`TuningResult`; ``result.best[set]`` are the chosen hyperparameters.
@@ -368,7 +370,7 @@ def tune(
     def loader(dataset, name):
         if max_images is not None and len(dataset) > max_images:
             dataset = dataset.select(range(max_images))
-        return make_loader(dataset, model, batch_size=batch_size, name=name)
+        return make_loader(dataset, model, batch_size=batch_size, num_workers=num_workers, name=name)
 
     fit_loader = None
     if get_detector_class(detector).requirements.fit:
