@@ -852,7 +852,10 @@ def _mlp_head(model: nn.Module) -> nn.Module | None:
     classifier = model.get_classifier()
     name = next(name for name, module in model.named_modules() if module is classifier)
     width = classifier.in_features
-    model.set_submodule(name, nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classifier.out_features)))
+    with torch.random.fork_rng(devices=[]):  # the same head whatever ran before (test order under xdist)
+        torch.manual_seed(0)
+        head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classifier.out_features))
+    model.set_submodule(name, head.to(classifier.weight.device))
     return model.eval()
 
 
