@@ -271,13 +271,14 @@ class _FeatureBankDetector(Detector):
 
     def finish_fit(self) -> None:
         rows, self._rows = self._rows, []
-        bank = _concatenated(rows) if rows else torch.empty(0, 0, dtype=getattr(torch, self.bank_dtype))
+        has_rows = bool(rows)
+        bank = _concatenated(rows) if has_rows else torch.empty(0, 0, dtype=getattr(torch, self.bank_dtype))
         self._shards = world()[1]
         self._bank_rows = bank.shape[0]
         if self._shards > 1:  # the row counts (k is checked against the whole bank), and the width for empty ranks
-            counts = _all_gather(torch.tensor([bank.shape[0], bank.shape[1] if rows else -1], device=bank.device))
+            counts = _all_gather(torch.tensor([bank.shape[0], bank.shape[1] if has_rows else -1], device=bank.device))
             self._bank_rows = int(counts[:, 0].sum())
-            if not rows:  # no fit data on this rank: an empty shard of the right width, on the CPU
+            if not has_rows:  # no fit data on this rank: an empty shard of the right width, on the CPU
                 bank = bank.new_empty(0, int(counts[:, 1].max()))
         self.bank = bank
 
