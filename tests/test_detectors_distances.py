@@ -27,11 +27,11 @@ from torch import nn
 import timm_ood
 from timm_ood.detectors import neighbours
 from timm_ood.detectors.classifier_geometry import vim_principal_dim
-from timm_ood.detectors.collect import gather_stacked
 from timm_ood.detectors.gram import _merge_two_smallest, _two_smallest
 from timm_ood.detectors.neighbours import faiss_available
 from timm_ood.detectors.prototypes import LIBMR_TRANSLATION, WeibullFit, fit_weibull
 from timm_ood.distributed import all_gather_rows as gather_rows
+from timm_ood.distributed import all_gather_stacked as gather_stacked
 from timm_ood.fitting import fit_detectors
 from timm_ood.testing import conformance_data, conformance_model
 

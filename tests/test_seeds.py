@@ -11,7 +11,12 @@ import pytest
 from timm_ood import reference
 from timm_ood.cli import main
 from timm_ood.evaluation import EvaluationResults
-from timm_ood.evaluation.seeds import SeededResults, compare_with_reference, expected_range_line, mean_sd
+from timm_ood.evaluation.seeds import (
+    SeededResults,
+    compare_with_reference,
+    expected_range_line,
+    mean_sd,
+)
 
 
 def _run(accuracy: float, fpr: dict[str, list[float]], sets: tuple[str, ...] = ("a", "b")) -> EvaluationResults:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 __all__ = [
     "all_gather_rows",
     "all_gather_rows_and_counts",
+    "all_gather_stacked",
     "all_reduce_max",
     "all_reduce_sum",
     "barrier",
@@ -70,6 +71,20 @@ def _in_place(tensor: torch.Tensor, op: dist.ReduceOp) -> None:
     tensor.copy_(moved)
 
 
+def all_gather_stacked(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every process stacked in rank order, [world, ...] (the same shape on every process).
+
+    In one process: ``tensor[None]``.
+    """
+    size = world()[1]
+    if size == 1:
+        return tensor[None]
+    local = tensor.to(collective_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local)
+    return torch.stack(parts).to(tensor.device)
+
+
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """The rows of every process concatenated in rank order, [ΣN_rank, ...]; counts may differ, 0 included.
 
@@ -85,10 +100,7 @@ def all_gather_rows_and_counts(rows: torch.Tensor) -> tuple[torch.Tensor, list[i
     if size == 1:
         return rows, [rows.shape[0]]
     device = collective_device()
-    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=device)
-    counts_parts = [torch.empty_like(count) for _ in range(size)]
-    dist.all_gather(counts_parts, count)
-    counts = [int(c) for c in counts_parts]
+    counts = all_gather_stacked(torch.tensor(rows.shape[0], dtype=torch.long)).tolist()
     longest = max(counts)
     if longest == 0:
         return rows, counts

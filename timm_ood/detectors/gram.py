@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 
+from ..distributed import all_gather_stacked
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
-from .collect import gather_stacked
 from .gaussian import resolve_layers
 
 __all__ = ["Gram", "gram_features"]
@@ -261,8 +261,8 @@ class Gram(Detector):
             raise ValueError("fit received no samples: the in-distribution data is empty")
         all_reduce_sum(self._counts)
         # the root is monotonic: the rooted order statistics of the row sums are those of the Gram values
-        smallest = _rooted(_merge_two_smallest(*gather_stacked(self._smallest)), self._sizes, self.max_power)
-        largest = _rooted(-_merge_two_smallest(*gather_stacked(self._largest)), self._sizes, self.max_power)
+        smallest = _rooted(_merge_two_smallest(*all_gather_stacked(self._smallest)), self._sizes, self.max_power)
+        largest = _rooted(-_merge_two_smallest(*all_gather_stacked(self._largest)), self._sizes, self.max_power)
         seen = self._counts > 0
         mins = torch.where(seen[:, None], smallest[0], smallest[0].amin(dim=0))
         maxs = torch.where(seen[:, None], largest[0], largest[0].amax(dim=0))

@@ -60,10 +60,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..distributed import all_gather_rows, all_gather_rows_and_counts, world
+from ..distributed import all_gather_rows, all_gather_rows_and_counts, all_gather_stacked, world
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, score_dtype
@@ -90,18 +89,6 @@ IVF_SEED = 0
 def rerank_candidates(k: int) -> int:
     """Rows per query the candidate stage keeps for the exact re-rank: ``k + max(k, 16)``."""
     return k + max(k, 16)
-
-
-# -- torch.distributed ------------------------------------------------------------------------------------------
-
-
-def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of every rank stacked in rank order, [world, ...] (same shape on every rank)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-    local = tensor.to(device).contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.stack(parts).to(tensor.device)
 
 
 # -- exact search -------------------------------------------------------------------------------------------------
@@ -276,7 +263,7 @@ class _FeatureBankDetector(Detector):
         self._shards = world()[1]
         self._bank_rows = bank.shape[0]
         if self._shards > 1:  # the row counts (k is checked against the whole bank), and the width for empty ranks
-            counts = _all_gather(torch.tensor([bank.shape[0], bank.shape[1] if has_rows else -1], device=bank.device))
+            counts = all_gather_stacked(torch.tensor([bank.shape[0], bank.shape[1] if has_rows else -1], device=bank.device))
             self._bank_rows = int(counts[:, 0].sum())
             if not has_rows:  # no fit data on this rank: an empty shard of the right width, on the CPU
                 bank = bank.new_empty(0, int(counts[:, 1].max()))
@@ -348,7 +335,7 @@ class _FeatureBankDetector(Detector):
             return queries.new_empty(0, self.k, dtype=_search_dtype(queries, self.bank))
         keys = self.search(everyone)[0]
         keys = F.pad(keys, (0, self.k - keys.shape[1]), value=-math.inf)  # a shard with fewer than k rows
-        merged = _all_gather(keys).permute(1, 0, 2).reshape(len(everyone), -1)
+        merged = all_gather_stacked(keys).permute(1, 0, 2).reshape(len(everyone), -1)
         start = sum(counts[:world()[0]])
         return merged[start:start + len(queries)].topk(self.k, dim=1).values
 

@@ -19,10 +19,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_gather_stacked
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
-from .collect import gather_stacked
 
 __all__ = ["SHE", "OpenMax", "WeibullFit", "fit_weibull"]
 
@@ -259,7 +259,7 @@ class OpenMax(Detector):
 
     def finish_fit(self) -> None:
         means, has_model = self._fitted_means
-        tails = gather_stacked(self._tails).permute(1, 0, 2).flatten(1)  # [K, world · tail]
+        tails = all_gather_stacked(self._tails).permute(1, 0, 2).flatten(1)  # [K, world · tail]
         tails = tails.topk(self.tail_size, dim=1).values  # descending, -inf where a class has fewer
         finite = torch.isfinite(tails)
         smallest = torch.where(finite, tails, torch.full_like(tails, math.inf)).amin(dim=1)

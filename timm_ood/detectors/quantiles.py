@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from .base import all_reduce_sum
+from ..distributed import all_reduce_max, all_reduce_sum
 
 __all__ = ["HISTOGRAM_BINS", "StreamingHistogram", "histogram_percentile", "linear_percentile"]
 
@@ -50,11 +49,6 @@ def linear_percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     if below + 1 >= flat.numel() or position == below:
         return low
     return low + (position - below) * (flat.kthvalue(below + 2).values - low)
-
-
-def _all_reduce_max(tensor: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
 def _coarsen(counts: torch.Tensor, steps: int) -> torch.Tensor:
@@ -124,7 +118,7 @@ class StreamingHistogram:
         if self.counts is None:
             raise ValueError("fit received no samples: the in-distribution data is empty")
         exponent = torch.tensor(self.exponent, dtype=torch.int64, device=self.counts.device)
-        _all_reduce_max(exponent)
+        all_reduce_max(exponent)
         counts = _coarsen(self.counts, int(exponent) - self.exponent)
         all_reduce_sum(counts)
         return counts, exponent
