@@ -27,8 +27,10 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path) -> None:
     assert err.count("\n") == 1 and err.startswith("timm-ood: error: checkpoint") and "Traceback" not in err
     assert main(["train", "--model", "test_resnet", "--data", "no-such-source", "--out", str(tmp_path / "x")]) == 2
     assert "unknown source 'no-such-source'" in capsys.readouterr().err
+    assert main(["eval"]) == 2  # --checkpoint is optional: the model is named by --model
+    assert "name the model: --model" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval"])  # argparse: missing --checkpoint
+        main(["eval", "--ood"])  # argparse: --ood without its NAME=DATA
     assert exit_info.value.code == 2
 
 

@@ -111,3 +111,48 @@ def test_fitted_detectors_need_fit_data(sets) -> None:
 def test_an_empty_set_is_an_error_not_a_metric(sets) -> None:
     with pytest.raises(ValueError, match="'empty' yielded no images"):
         evaluate_loaders(trained("test_resnet"), ["msp"], id_data=sets["id"], ood_data={"empty": []})
+
+
+def test_full_spectrum_counts_covariate_shifted_sets_as_in_distribution(sets, tmp_path) -> None:
+    """OpenOOD v1.5's full-spectrum setting: shifted ID images are positives too, and their accuracy is reported."""
+    images, labels = digits_split()["test"]
+    shifted_images = (images[:150] + 0.3 * torch.randn(150, *images.shape[1:], generator=torch.Generator()
+                                                       .manual_seed(0)))
+    shifted = {"noisy": batches(shifted_images, labels[:150], 64)}
+    model = trained("test_resnet")
+    results = evaluate_loaders(model, ["msp", "energy"], id_data=sets["id"], ood_data=sets["ood"],
+                               covariate_shifted_data=shifted, ood_groups={"near": ["flipped"], "far": ["noise"]},
+                               progress=False)
+    plain = evaluate_loaders(model, ["msp"], id_data=sets["id"], ood_data=sets["ood"], progress=False)
+    ood_model = timm_ood.wrap(model, "energy")
+    id_scores = torch.cat([ood_model.score_data(data, progress=False)[0] for data in (sets["id"], shifted["noisy"])])
+    noise_scores = ood_model.score_data(sets["ood"]["noise"], progress=False)[0]
+    is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(noise_scores))]
+    expected = roc_auc_score(1 - is_ood, -torch.cat([id_scores, noise_scores]).numpy())  # ID positive
+    assert results.metrics["energy"]["noise"]["auroc"] == pytest.approx(expected, abs=1e-12)
+    assert results.metrics["msp"]["noise"]["auroc"] != plain.metrics["msp"]["noise"]["auroc"]
+    accuracy = results.settings["full_spectrum_accuracy"]["noisy"]
+    with torch.inference_mode():
+        predictions = model(shifted_images).argmax(1)
+    assert accuracy == pytest.approx(float((predictions == labels[:150]).double().mean()))
+    assert results.accuracy == pytest.approx(plain.accuracy)  # the ID test set's own accuracy is unchanged
+    # the other metric reading is computed over the same in-distribution images
+    ood_reading = results.group_summary("ood")["energy"]["far"]["auroc"]
+    assert ood_reading == pytest.approx(expected, abs=1e-12)
+    assert results.group_summary()["energy"]["near"] == results.metrics["energy"]["flipped"]
+    results.save(tmp_path / "report")
+    assert (tmp_path / "report" / "plots" / "energy_roc.png").is_file()
+
+
+def test_a_group_of_sets_that_are_not_evaluated_is_refused(sets) -> None:
+    with pytest.raises(ValueError, match=r"OOD group 'near' names sets that are not evaluated: \['svhn'\]"):
+        evaluate_loaders(trained("test_resnet"), ["msp"], id_data=sets["id"], ood_data=sets["ood"],
+                         ood_groups={"near": ["svhn"]}, progress=False)
+
+
+def test_unlabelled_in_distribution_images_give_no_accuracy(sets) -> None:
+    images, _ = digits_split()["test"]
+    unlabelled = batches(images, torch.full((len(images),), -1), 64)
+    results = evaluate_loaders(trained("test_resnet"), ["msp"], id_data=unlabelled, ood_data=sets["ood"],
+                               progress=False)
+    assert results.accuracy is None

@@ -18,15 +18,20 @@ from .detectors import create_detector, get_detector_class, list_detectors
 from .detectors.base import Detector, Requirements
 from .errors import (
     DuplicateNameError,
+    FormatVersionError,
+    HubUnavailableError,
     IncompatibleModelError,
     NotFittedError,
     PluginLoadWarning,
     TimmOODError,
+    UnknownModelError,
     UnknownNameError,
+    WeightsUnavailableError,
 )
 from .evaluation import evaluate, tune
 from .hookspecs import hookimpl
 from .model import OODModel, create_model, wrap
+from .pretrained import from_pretrained
 from .registry import register_plugin, reload_plugins
 from .tap import Need, Outputs, Tap
 
@@ -38,6 +43,8 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "Detector",
     "DuplicateNameError",
+    "FormatVersionError",
+    "HubUnavailableError",
     "IncompatibleModelError",
     "Need",
     "NotFittedError",
@@ -47,11 +54,14 @@ __all__ = [
     "Requirements",
     "Tap",
     "TimmOODError",
+    "UnknownModelError",
     "UnknownNameError",
+    "WeightsUnavailableError",
     "__version__",
     "create_detector",
     "create_model",
     "evaluate",
+    "from_pretrained",
     "get_detector_class",
     "hookimpl",
     "list_detectors",

@@ -5,6 +5,10 @@
     timm-ood list
     timm-ood train --model resnet18 --data fashion-mnist --epochs 5 --out ckpt.safetensors
     timm-ood eval  --model resnet18 --checkpoint ckpt.safetensors --detectors msp,odin,energy --benchmark fashion-mnist --out report/
+    timm-ood eval  --model convnext_tiny.fb_in22k_ft_in1k --benchmark openood-imagenet1k --detectors msp,energy,knn,vim
+    timm-ood eval  --model resnet50.a1_in1k --weights resnet50.safetensors --id-train ./train --id-test ./val \
+                   --ood textures=./dtd --ood my-org/my-outliers:test --out report/
+    timm-ood fit   --model resnet50.a1_in1k --detector vim --id-train imagenet-1k:train --calibrate-tpr 0.95 --out vim/
     timm-ood tune  --model resnet18 --checkpoint ckpt.safetensors --detector odin --benchmark fashion-mnist
     timm-ood demo  # the offline default, end to end
     torchrun --nproc-per-node 2 -m timm_ood.cli eval --checkpoint ckpt.safetensors --detectors all --cache-dir ~/.cache/timm-ood/outputs
@@ -107,7 +111,26 @@ def _list(args: argparse.Namespace) -> None:
         rows = [[name, "offline" if s.offline else "hub", s.description] for name, s in data.list_sources().items()]
         print("Sources:\n\n" + markdown_table(["name", "where", "what"], rows) + "\n")
     if args.what in ("benchmarks", "all"):
-        rows = [[name, "offline" if b.offline else "hub", ", ".join(b.ood), b.description]
+        def where(ref: data.SourceRef) -> str:
+            spec = data.get_source(ref.source)
+            hub_splits = getattr(spec.load, "hub_splits", None)  # OpenOOD sets: splits their hub copy serves
+            hub = spec.hub_id if hub_splits is None or ref.split in hub_splits else None
+            return f"{ref.source}:{ref.split} ({hub or ('offline' if spec.offline else 'local copy only')})"
+
+        def ood_sets(b: data.BenchmarkSpec) -> str:
+            grouped = {s for members in b.groups.values() for s in members}
+            parts = [f"{group}: " + ", ".join(f"{s} = {where(b.ood[s])}" for s in members)
+                     for group, members in b.groups.items()]
+            rest = [s for s in b.ood if s not in grouped]
+            if rest:
+                parts.append(", ".join(rest if not b.groups else (f"{s} = {where(b.ood[s])}" for s in rest)))
+            if b.validation_ood:
+                parts.append("tuning: " + ", ".join(f"{s} = {where(r)}" for s, r in b.validation_ood.items()))
+            if b.full_spectrum:
+                parts.append("full-spectrum: " + ", ".join(b.full_spectrum))
+            return "; ".join(parts)
+
+        rows = [[name, "offline" if b.offline else "hub", ood_sets(b), b.description]
                 for name, b in data.list_benchmarks().items()]
         print("Benchmarks:\n\n" + markdown_table(["name", "where", "OOD sets", "what"], rows))
 
@@ -164,23 +187,83 @@ def _say(*lines: str) -> None:
 
 
 def _load_model(args: argparse.Namespace):
+    """The timm model: a ``timm-ood train`` checkpoint, a local weights file, or the tag's pretrained weights."""
+    from timm_ood.timm_models import create_timm_model
     from timm_ood.training import load_checkpoint
 
-    if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} not found; make one with `timm-ood train ... --out`")
-    return load_checkpoint(args.checkpoint, args.model).to(_device(args.device))
+    if args.checkpoint is not None:
+        if args.weights is not None:
+            raise ValueError("give --checkpoint (a `timm-ood train` checkpoint) or --weights (a timm state dict for "
+                             "--model), not both")
+        if not Path(args.checkpoint).exists():
+            raise FileNotFoundError(
+                f"checkpoint {args.checkpoint!r} not found; make one with `timm-ood train ... --out`")
+        model = load_checkpoint(args.checkpoint, args.model)
+    elif args.model is None:
+        raise ValueError("name the model: --model resnet50.a1_in1k (a timm name with its pretrained tag; "
+                         "--weights FILE for a local copy of its weights), or --checkpoint FILE from `timm-ood train`")
+    else:
+        model = create_timm_model(args.model, pretrained=True, weights=args.weights)
+    return model.to(_device(args.device))
+
+
+def _own_data(args: argparse.Namespace) -> bool:
+    return bool(args.id_test or args.ood or args.id_train)
+
+
+def _source_params(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """``--source-path NAME=PATH``: read a benchmark's source from a local copy."""
+    params: dict[str, dict[str, str]] = {}
+    for text in args.source_path or []:
+        name, equals, path = text.partition("=")
+        if not equals or not name.strip() or not path.strip():
+            raise ValueError(f"--source-path {text!r}: expected SOURCE=PATH, e.g. --source-path textures=./dtd")
+        params[name.strip()] = {"path": path.strip()}
+    return params
+
+
+def _benchmark(args: argparse.Namespace):
+    """The benchmark to evaluate: its name, or the loaded one when sources are read from local copies."""
+    from timm_ood.data import load_benchmark
+
+    name = args.benchmark or "fashion-mnist"
+    params = _source_params(args)
+    return load_benchmark(name, source_params=params) if params else name
 
 
 # -- eval -------------------------------------------------------------------
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from timm_ood.data import load_data
+    from timm_ood.data.arguments import parse_data_argument, parse_named_data_argument
     from timm_ood.distributed import is_main_process
     from timm_ood.evaluation import evaluate
 
     detectors = "all" if args.detectors == ["all"] else args.detectors
-    results = evaluate(_load_model(args), detectors,
-                       args.benchmark, batch_size=args.batch_size, tpr=args.tpr, positive=args.positive,
-                       max_images=args.max_images, max_fit_images=args.max_fit_images, num_workers=args.workers,
-                       progress=not args.quiet and is_main_process(), cache_dir=args.cache_dir)
+    common = dict(batch_size=args.batch_size, tpr=args.tpr, positive=args.positive, max_images=args.max_images,
+                  max_fit_images=args.max_fit_images, num_workers=args.workers,
+                  progress=not args.quiet and is_main_process(), cache_dir=args.cache_dir)
+    if _own_data(args):
+        if args.benchmark is not None or args.full_spectrum:
+            raise ValueError("give --benchmark (with --full-spectrum) or your own data (--id-test, --ood, "
+                             "--id-train), not both")
+        named = [parse_named_data_argument(text) for text in args.ood or []]
+        if not args.id_test or not named:
+            raise ValueError("your own data needs --id-test DATA and at least one --ood NAME=DATA (--id-train DATA "
+                             "too for detectors that fit)")
+        duplicates = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
+        if duplicates:
+            raise ValueError(f"--ood names {', '.join(duplicates)} twice; give each OOD set its own name")
+        paths = {name: params["path"] for name, params in _source_params(args).items()}
+        id_test = parse_data_argument(args.id_test)  # every argument checked before the model is made
+        id_train = None if args.id_train is None else parse_data_argument(args.id_train)
+        model = _load_model(args)
+        results = evaluate(model, detectors, id_data=load_data(id_test, "test", source_paths=paths),
+                           ood_data={name: load_data(data, "ood", source_paths=paths) for name, data in named},
+                           fit_data=None if id_train is None else load_data(id_train, "train", source_paths=paths),
+                           **common)
+    else:
+        benchmark = _benchmark(args)
+        results = evaluate(_load_model(args), detectors, benchmark, full_spectrum=args.full_spectrum, **common)
     _say(results.table())
     if args.out and is_main_process():
         results.save(args.out, plots=not args.no_plots, command=_command_line(argv))
@@ -192,7 +275,7 @@ def _tune(args: argparse.Namespace) -> None:
     from timm_ood.distributed import is_main_process
     from timm_ood.evaluation import tune
 
-    result = tune(_load_model(args), args.detector, args.benchmark, protocol=args.protocol,
+    result = tune(_load_model(args), args.detector, _benchmark(args), protocol=args.protocol,
                   batch_size=args.batch_size, max_images=args.max_images, num_workers=args.workers,
                   progress=not args.quiet and is_main_process())
     _say(result.table())
@@ -202,6 +285,60 @@ def _tune(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"detector": result.detector, "best": result.best,
                                               "best_average": result.best_average, "cross": result.cross,
                                               "criterion": result.criterion}, indent=2) + "\n")
+
+
+# -- fit --------------------------------------------------------------------
+def _detector_arguments(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"k\": 10}}', got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"k\": 10}}', got {text!r}")
+    return value
+
+
+def _fit(args: argparse.Namespace) -> None:
+    import torch
+
+    from timm_ood import create_model, wrap
+    from timm_ood.data import load_data, make_loader
+    from timm_ood.data.arguments import parse_data_argument
+    from timm_ood.distributed import is_main_process
+
+    paths = {name: params["path"] for name, params in _source_params(args).items()}
+    id_train = parse_data_argument(args.id_train)  # checked before the model is made
+    id_val = None if args.id_val is None else parse_data_argument(args.id_val)
+    if args.checkpoint is None and args.model is not None:
+        ood = create_model(args.model, args.detector, args.detector_args, pretrained=True, weights=args.weights)
+        ood.to(_device(args.device))
+    else:
+        ood = wrap(_load_model(args), args.detector, **args.detector_args)
+    model = ood.model
+    train = load_data(id_train, "train", source_paths=paths)
+    calibration = None
+    if args.calibrate_tpr is not None:
+        if id_val is not None:
+            calibration = load_data(id_val, "test", source_paths=paths)
+        else:  # hold out images of the training data: a threshold is never read on the images fitted on
+            held_out = min(args.calibration_images, len(train) // 2)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).numpy()
+            calibration = train.select(sorted(order[:held_out]))
+            train = train.select(sorted(order[held_out:]))
+    if args.max_fit_images is not None and len(train) > args.max_fit_images:
+        train = train.select(range(args.max_fit_images))
+    progress = not args.quiet and is_main_process()
+    loader = dict(batch_size=args.batch_size, num_workers=args.workers)
+    ood.fit(make_loader(train, model, name="id_train", **loader), progress=progress, cache_dir=args.cache_dir)
+    if calibration is not None:
+        threshold = ood.calibrate(make_loader(calibration, model, name="id_calibration", **loader),
+                                  tpr=args.calibrate_tpr, progress=progress)
+        _say(f"threshold {threshold:.6g}: accepts {100 * args.calibrate_tpr:g}% of {len(calibration)} held-out "
+             "in-distribution images")
+    if is_main_process():
+        ood.save_pretrained(args.out)
+        print(f"{args.detector} on {args.model or args.checkpoint}, fitted on {len(train)} images; saved to "
+              f"{args.out} (load it with timm_ood.from_pretrained({args.out!r}))")
 
 
 # -- demo -------------------------------------------------------------------
@@ -300,18 +437,41 @@ def build_parser() -> argparse.ArgumentParser:
     common(train)
     train.set_defaults(batch_size=128)
 
-    def model_args(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's)")
-        sub.add_argument("--checkpoint", required=True, help="a checkpoint written by `timm-ood train`")
-        sub.add_argument("--benchmark", default="fashion-mnist", help="benchmark name (default fashion-mnist)")
+    def model_args(sub: argparse.ArgumentParser, *, benchmark: bool = True) -> None:
+        sub.add_argument("--model", default=None,
+                         help="timm model with its pretrained tag (resnet50.a1_in1k) or an hf_hub: id; with "
+                              "--checkpoint the architecture (default: the checkpoint's)")
+        sub.add_argument("--weights", default=None, metavar="FILE",
+                         help="a local .safetensors/.pth state dict for --model, loaded through timm's "
+                              "pretrained_cfg_overlay=dict(file=...) (no download; the tag's data config is kept)")
+        sub.add_argument("--checkpoint", default=None, metavar="FILE", help="a checkpoint written by `timm-ood train`")
+        if benchmark:
+            sub.add_argument("--benchmark", default=None,
+                             help="benchmark name (timm-ood list benchmarks; default fashion-mnist)")
+        sub.add_argument("--source-path", action="append", default=None, metavar="SOURCE=PATH",
+                         help="read a registered source (of the benchmark, or named as DATA) from a local copy: an "
+                              "image folder, parquet files, a save_to_disk folder; repeatable")
         sub.add_argument("--max-images", type=_positive_int, default=None, help="at most N images per set")
         sub.add_argument("--device", default="auto",
                          help="cpu, cuda, cuda:1, ... (default auto: this rank's GPU under torchrun, else a GPU if "
                               "there is one, else the CPU)")
         sub.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
 
+    data_help = ("a source name (timm-ood list sources), a hub dataset id org/name, an image folder, parquet "
+                 "files or a save_to_disk folder; optionally :split")
+
     evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
     model_args(evaluation)
+    evaluation.add_argument("--id-train", default=None, metavar="DATA",
+                            help=f"your in-distribution training data, for detectors that fit: {data_help} "
+                                 "(default split train)")
+    evaluation.add_argument("--id-test", default=None, metavar="DATA",
+                            help="your in-distribution test data (default split test, else validation)")
+    evaluation.add_argument("--ood", action="append", default=None, metavar="NAME=DATA",
+                            help="an OOD set of yours, named; repeatable (e.g. --ood textures=./dtd)")
+    evaluation.add_argument("--full-spectrum", action="store_true",
+                            help="count the benchmark's covariate-shifted ID sets as in-distribution and report "
+                                 "their accuracy (OpenOOD v1.5's full-spectrum setting)")
     evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis",
                             help="comma-separated names, or 'all' (every post-hoc detector the model can serve)")
     evaluation.add_argument("--cache-dir", default=None,
@@ -331,6 +491,29 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--out", default=None, help="write the chosen hyperparameters as JSON")
     common(tuning)
 
+    fitting = commands.add_parser("fit", help="fit a detector on your in-distribution data, calibrate its "
+                                               "threshold and save it (save_pretrained folder)")
+    model_args(fitting, benchmark=False)
+    fitting.add_argument("--detector", required=True, help="a registered detector (timm-ood list detectors)")
+    fitting.add_argument("--detector-args", type=_detector_arguments, default={}, metavar="JSON",
+                         help='its hyperparameters as a JSON object, e.g. \'{"k": 50}\' (default: its defaults)')
+    fitting.add_argument("--id-train", required=True, metavar="DATA",
+                         help=f"in-distribution training data: {data_help} (default split train)")
+    fitting.add_argument("--calibrate-tpr", type=_rate, default=None, metavar="TPR",
+                         help="store the threshold that accepts this fraction of held-out ID images, e.g. 0.95")
+    fitting.add_argument("--id-val", default=None, metavar="DATA",
+                         help="held-out ID data to calibrate on (default: --calibration-images images held out of "
+                              "--id-train, not fitted on)")
+    fitting.add_argument("--calibration-images", type=_positive_int, default=5000,
+                         help="images held out of --id-train for calibration when --id-val is not given "
+                              "(default 5000, at most half)")
+    fitting.add_argument("--seed", type=int, default=0, help="seeds which images are held out (default 0)")
+    fitting.add_argument("--max-fit-images", type=_positive_int, default=None, help="fit on at most N images")
+    fitting.add_argument("--cache-dir", default=None, help="feature store for the model's outputs (see eval)")
+    fitting.add_argument("--out", required=True, help="folder to write (detector.safetensors, config.json, "
+                                                       "README.md model card)")
+    common(fitting)
+
     demo = commands.add_parser("demo", help="the offline default end to end: reference model, evaluation, report")
     demo.add_argument("--out", default="report", help="report folder (default report/)")
     demo.add_argument("--fast", action="store_true", help="a tiny stand-in model and small sets (seconds)")
@@ -343,10 +526,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors: ``timm-ood: warning: ...``."""
+    print(f"timm-ood: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``timm-ood``; returns the exit status."""
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    shown_as = warnings.showwarning
+    if not args.debug:
+        warnings.showwarning = _show_warning
+    if getattr(args, "quiet", False):  # datasets' own bars too (building a folder's or parquet's split)
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    try:
+        return _run(args, argv)
+    finally:
+        warnings.showwarning = shown_as
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         if args.command == "list":
             _list(args)
@@ -358,6 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "tune":
             with _process_group(_device(args.device)):
                 _tune(args)
+        elif args.command == "fit":
+            with _process_group(_device(args.device)):
+                _fit(args)
         else:
             _demo(args, argv)
     except KeyboardInterrupt:

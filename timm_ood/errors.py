@@ -12,11 +12,15 @@ from collections.abc import Iterable
 
 __all__ = [
     "DuplicateNameError",
+    "FormatVersionError",
+    "HubUnavailableError",
     "IncompatibleModelError",
     "NotFittedError",
     "PluginLoadWarning",
     "TimmOODError",
+    "UnknownModelError",
     "UnknownNameError",
+    "WeightsUnavailableError",
 ]
 
 
@@ -51,5 +55,25 @@ class IncompatibleModelError(TimmOODError, ValueError):
     """The model cannot give what a detector needs (no classifier, no features, ...)."""
 
 
+class HubUnavailableError(TimmOODError, ConnectionError):
+    """The Hugging Face hub cannot be reached (offline mode, no network) for what was asked of it.
+
+    A dataset to load, model weights, a detector to download or upload: the
+    message names what and how to do without the hub (a local copy).
+    """
+
+
+class FormatVersionError(TimmOODError, ValueError):
+    """A saved folder or file was written in a format this timm-ood version does not read."""
+
+
 class PluginLoadWarning(UserWarning):
     """A plugin could not be loaded; everything else still works."""
+
+
+class UnknownModelError(TimmOODError, ValueError):
+    """``timm.create_model`` does not know the model name or its pretrained tag."""
+
+
+class WeightsUnavailableError(HubUnavailableError):
+    """A model's pretrained weights are neither in the local cache nor reachable on the hub."""

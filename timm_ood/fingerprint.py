@@ -137,8 +137,9 @@ def precisions_of(tensors: Iterable[torch.Tensor]) -> tuple[str, ...]:
     return ("float32", *exact)
 
 
-def _digest(named: Sequence[tuple[str, torch.Tensor]], precision: str) -> str:
-    """sha256 of names, shapes, dtypes and bytes, floating tensors cast to ``precision`` on CPU."""
+def _digest(named: Sequence[tuple[str, torch.Tensor]], precision: str, length: int = _DIGEST_LENGTH) -> str:
+    """sha256 of names, shapes, dtypes and bytes, floating tensors cast to ``precision`` on CPU
+    (its first ``length`` hex digits)."""
     hasher = hashlib.sha256()
     dtype = _DTYPES[precision]
     with torch.no_grad():
@@ -148,7 +149,7 @@ def _digest(named: Sequence[tuple[str, torch.Tensor]], precision: str) -> str:
             hasher.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             if t.numel():
                 hasher.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return hasher.hexdigest()[:_DIGEST_LENGTH]
+    return hasher.hexdigest()[:length]
 
 
 def _classifier_modules(model: nn.Module) -> list[nn.Module]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ from .store import BoundStore, FeatureStore, as_store
 from .tap import Tap
 
 __all__ = ["OODModel", "create_model", "wrap"]
+
+#: the safetensors metadata key of the TPR the threshold was calibrated at
+THRESHOLD_TPR_METADATA = "timm_ood.threshold_tpr"
 
 
 class OODModel(nn.Module):
@@ -61,6 +65,10 @@ class OODModel(nn.Module):
         self.tap = Tap(model)
         detector.check_model(self.tap)
         self.register_buffer("threshold", None)
+        #: the fraction of in-distribution inputs :meth:`calibrate` accepted at ``threshold`` (None when unknown)
+        self.threshold_tpr: float | None = None
+        #: how ``create_model``/``from_pretrained`` made the timm model (name, pretrained, kwargs); None for wrap()
+        self.timm_creation: dict[str, Any] | None = None
         self._sync_detector_placement()
 
     # -- behaving like the timm model ------------------------------------------
@@ -102,7 +110,9 @@ class OODModel(nn.Module):
         """Fit the detector on in-distribution training data; a no-op for detectors without fit.
 
         Args:
-            data: a DataLoader or any iterable of ``(images, labels)`` batches
+            data: a Hugging Face dataset with ``image`` and ``label`` columns (prepared with
+                the model's data config, 256 images a batch), a DataLoader, or any iterable of
+                ``(images, labels)`` batches
                 (or mappings with ``image``/``label``).
             progress: show a progress bar (default: on a terminal).
             cache_dir: a feature store (:mod:`timm_ood.store`): the model's
@@ -112,7 +122,8 @@ class OODModel(nn.Module):
         Returns:
             self, for chaining.
         """
-        fit_detectors(self.tap, [self.detector], data, progress=progress, store=self._store(cache_dir))
+        fit_detectors(self.tap, [self.detector], self._batches(data, "fit data"), progress=progress,
+                      store=self._store(cache_dir))
         return self
 
     def fit_held_out(
@@ -135,7 +146,8 @@ class OODModel(nn.Module):
         Returns:
             self, for chaining.
         """
-        fit_held_out(self.tap, [self.detector], id_data, ood_data, progress=progress,
+        fit_held_out(self.tap, [self.detector], self._batches(id_data, "held-out ID data"),
+                     self._batches(ood_data, "held-out OOD data"), progress=progress,
                      store=self._store(cache_dir))
         return self
 
@@ -147,9 +159,16 @@ class OODModel(nn.Module):
         Under torch.distributed every rank scores its part of the data and
         gets the scores of all ranks, in rank order.
         """
-        scored = score_sets(self.tap, [self.detector], {"data": data}, labels=["score"], with_predictions=False,
+        scored = score_sets(self.tap, [self.detector], {"data": self._batches(data, desc)}, labels=["score"],
+                            with_predictions=False,
                             progress=progress, desc=desc)
         return scored.scores["score"]["data"], scored.labels.get("data")
+
+    def _batches(self, data: Any, name: str) -> Any:
+        """A Hugging Face dataset as a loader shaped for this model; loaders and batches as they are."""
+        from .data.loaders import as_batches
+
+        return None if data is None else as_batches(data, self.model, name=name)
 
     def _store(self, cache_dir: str | os.PathLike | FeatureStore | None) -> BoundStore | None:
         store = as_store(cache_dir)
@@ -163,12 +182,13 @@ class OODModel(nn.Module):
         (``methods/metrics.md``). :meth:`predict` flags ``score > t`` as OOD.
 
         Args:
-            id_data: in-distribution batches not used for fitting (validation data).
+            id_data: in-distribution data not used for fitting (validation data): a Hugging Face
+                dataset, a DataLoader or an iterable of batches, as in :meth:`fit`.
             tpr: fraction of in-distribution inputs to accept, in (0, 1].
 
         Returns:
-            The threshold, also stored in ``self.threshold`` (saved with
-            :meth:`save_detector`).
+            The threshold, also stored in ``self.threshold`` (and ``tpr`` in
+            ``self.threshold_tpr``; both saved with :meth:`save_detector`).
         """
         if not 0 < tpr <= 1:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
@@ -177,6 +197,7 @@ class OODModel(nn.Module):
         accepted = torch.arange(1, ordered.numel() + 1, dtype=torch.float64) / ordered.numel()
         index = int((accepted < tpr).sum())
         self.threshold = ordered[index].to(model_device(self.model))
+        self.threshold_tpr = float(tpr)
         return float(self.threshold)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +216,13 @@ class OODModel(nn.Module):
 
     # -- state -----------------------------------------------------------------
     def save_detector(self, path: str | os.PathLike) -> None:
-        """Save the detector's name, hyperparameters, fitted state and threshold (safetensors)."""
+        """Save the detector's name, hyperparameters, fitted state, threshold and its TPR (safetensors)."""
         extra = {} if self.threshold is None else {"threshold": self.threshold}
         architecture = str((getattr(self.model, "pretrained_cfg", None) or {}).get("architecture", ""))
-        save_detector(self.detector, path, extra_tensors=extra,
-                      extra_metadata={"timm_ood.architecture": architecture})
+        metadata = {"timm_ood.architecture": architecture}
+        if self.threshold is not None and self.threshold_tpr is not None:
+            metadata[THRESHOLD_TPR_METADATA] = repr(float(self.threshold_tpr))
+        save_detector(self.detector, path, extra_tensors=extra, extra_metadata=metadata)
 
     def load_detector(self, path: str | os.PathLike, *, strict: bool = True) -> OODModel:
         """Load a detector saved by :meth:`save_detector`; replaces the current one.
@@ -223,7 +246,7 @@ class OODModel(nn.Module):
             UserWarning: the file has no fingerprint (written before timm-ood
                 recorded them), so it cannot be checked.
         """
-        detector, extras, _ = load_detector(path, device=model_device(self.model))
+        detector, extras, metadata = load_detector(path, device=model_device(self.model))
         detector.check_model(self.tap)
         self._check_fitted_for_model(detector, f"{os.fspath(path)!r}", strict=strict, fix=(
             "Fit it again on this model with model.fit(id_train_loader) and save it again, or load the file "
@@ -231,7 +254,29 @@ class OODModel(nn.Module):
         ), hatch="To use it anyway, load it with load_detector(path, strict=False), which only warns.")
         self.detector = detector
         self.threshold = extras["threshold"].to(model_device(self.model)) if "threshold" in extras else None
+        tpr = metadata.get(THRESHOLD_TPR_METADATA) if self.threshold is not None else None
+        self.threshold_tpr = None if tpr is None else float(tpr)
         return self
+
+    # -- the Hugging Face Hub (timm_ood.pretrained) ----------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, results: Any = None) -> Path:
+        """Write the detector, a config and a model card into a folder (:func:`timm_ood.pretrained.save_pretrained`)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, save_directory, results=results)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload :meth:`save_pretrained`'s folder to a Hub repo (:func:`timm_ood.pretrained.push_to_hub`)."""
+        from .pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, **kwargs: Any) -> OODModel:
+        """The timm model and fitted detector of a folder or Hub repo (:func:`timm_ood.pretrained.from_pretrained`)."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(repo_id_or_path, **kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, then the detector's fitted state is checked against the model.
@@ -248,6 +293,17 @@ class OODModel(nn.Module):
             "model it was fitted on."
         ), hatch="To use it anyway, load it with load_state_dict(state_dict, strict=False), which only warns.")
         return result
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # an uncalibrated model (threshold None, so no such key of its own) takes a calibrated state's threshold
+        tensor = state_dict.get(prefix + "threshold")
+        if self.threshold is None and isinstance(tensor, torch.Tensor):
+            self._buffers["threshold"] = tensor.detach().clone().to(model_device(self.model))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _check_fitted_for_model(self, detector: Detector, source: str, *, strict: bool, fix: str, hatch: str) -> None:
         """Compare the detector's fingerprint (weights included) with this model; warn when it has none."""
@@ -305,10 +361,38 @@ def create_model(
     model_name: str,
     detector: str | Detector | type[Detector] = "msp",
     detector_kwargs: dict[str, Any] | None = None,
+    *,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
     **timm_kwargs: Any,
 ) -> OODModel:
-    """``timm.create_model(model_name, **timm_kwargs)`` wrapped with a detector, in one call."""
-    import timm
+    """``timm.create_model(model_name, pretrained=..., **timm_kwargs)`` wrapped with a detector, in one call.
 
-    return wrap(timm.create_model(model_name, **timm_kwargs), detector, **(detector_kwargs or {}))
+    ::
+
+        ood = timm_ood.create_model("convnext_tiny.fb_in22k_ft_in1k", pretrained=True, detector="vim")
+        ood = timm_ood.create_model("resnet50.a1_in1k", weights="resnet50.safetensors", detector="knn")  # offline
+
+    Args:
+        model_name: a timm name, with its pretrained tag, or an ``hf_hub:`` id.
+        detector: a registered detector name, instance or class.
+        detector_kwargs: the detector's hyperparameters.
+        pretrained: load the tag's pretrained weights (timm downloads and caches them).
+        weights: a local ``.safetensors``/``.pth`` state dict instead, through timm's
+            ``pretrained_cfg_overlay=dict(file=...)`` (implies ``pretrained``).
+        **timm_kwargs: passed to ``timm.create_model``.
+
+    Raises:
+        UnknownModelError / WeightsUnavailableError: see :func:`timm_ood.timm_models.create_timm_model`.
+    """
+    from .timm_models import create_timm_model
+
+    model = create_timm_model(model_name, pretrained=pretrained or weights is not None, weights=weights,
+                              **timm_kwargs)
+    ood_model = wrap(model, detector, **(detector_kwargs or {}))
+    # what save_pretrained records to rebuild it: whether the weights are the tag's (None: a local file, which
+    # may or may not hold them; from_pretrained then compares the weights' sha256), the model's kwargs
+    ood_model.timm_creation = {"model_name": model_name, "pretrained": None if weights is not None else pretrained,
+                               "kwargs": dict(timm_kwargs)}
+    return ood_model
 

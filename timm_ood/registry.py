@@ -57,6 +57,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "timm_ood.detectors.entropic",
     "timm_ood.data.offline",
     "timm_ood.data.hub_benchmarks",
+    "timm_ood.data.openood",
     "timm_ood.detectors.gradient",
     "timm_ood.detectors.sampling",
     "timm_ood.detectors.posterior",

@@ -14,6 +14,7 @@ Sources and benchmarks are registered through the ``timm_ood_sources`` and
 
 from __future__ import annotations
 
+from .arguments import DataArgument, load_data, parse_data_argument
 from .benchmarks import (
     Benchmark,
     BenchmarkSpec,
@@ -24,32 +25,45 @@ from .benchmarks import (
     load_benchmark,
 )
 from .cache import CACHE_DIR_ENV
-from .errors import CorruptImageError, DataNotFoundError, EmptyDatasetError, HubUnavailableError
+from .errors import (
+    CorruptImageError,
+    DataNotFoundError,
+    EmptyDatasetError,
+    HubAuthenticationError,
+    HubUnavailableError,
+)
 from .fashion_mnist import DATA_DIR_ENV
-from .loaders import ModelLoader, make_loader
+from .loaders import ModelLoader, as_batches, make_loader
+from .openood import OPENOOD_DIR_ENV
 from .sources import SourceSpec, get_source, list_sources, load_source, model_overlay
 from .transforms import ModelTransform
 
 __all__ = [
     "CACHE_DIR_ENV",
     "DATA_DIR_ENV",
+    "OPENOOD_DIR_ENV",
     "Benchmark",
     "BenchmarkSpec",
     "CorruptImageError",
+    "DataArgument",
     "DataNotFoundError",
     "EmptyDatasetError",
+    "HubAuthenticationError",
     "HubUnavailableError",
     "ModelLoader",
     "ModelTransform",
     "SourceRef",
     "SourceSpec",
     "TuningSets",
+    "as_batches",
     "get_benchmark_spec",
     "get_source",
     "list_benchmarks",
     "list_sources",
     "load_benchmark",
+    "load_data",
     "load_source",
     "make_loader",
     "model_overlay",
+    "parse_data_argument",
 ]

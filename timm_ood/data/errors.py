@@ -6,17 +6,23 @@ built-in exception a caller would catch for that kind of failure.
 
 from __future__ import annotations
 
-from ..errors import TimmOODError
+from ..errors import HubUnavailableError, TimmOODError
 
-__all__ = ["CorruptImageError", "DataNotFoundError", "EmptyDatasetError", "HubUnavailableError"]
+__all__ = [
+    "CorruptImageError",
+    "DataNotFoundError",
+    "EmptyDatasetError",
+    "HubAuthenticationError",
+    "HubUnavailableError",
+]
 
 
 class DataNotFoundError(TimmOODError, FileNotFoundError):
     """The files of an offline source are on none of the paths it searches."""
 
 
-class HubUnavailableError(TimmOODError, ConnectionError):
-    """A source needs the Hugging Face hub and the hub cannot be reached."""
+class HubAuthenticationError(TimmOODError, PermissionError):
+    """A hub dataset is gated or private and this machine's login (if any) cannot read it."""
 
 
 class CorruptImageError(TimmOODError, ValueError):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import DataNotFoundError, HubUnavailableError
+from .errors import DataNotFoundError, HubAuthenticationError, HubUnavailableError
 from .images import relabel_as_ood
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ class HubDataset:
         data_files: Any = None,
         streaming: bool = False,
         as_ood: bool = False,
+        labels: Literal["required", "optional"] = "required",
+        any_split: bool = False,
     ) -> Dataset | IterableDataset:
         """Load ``split`` as a dataset with ``image`` and ``label`` columns.
 
@@ -94,33 +96,64 @@ class HubDataset:
             data_files: passed to ``load_dataset`` with ``path``.
             streaming: return an ``IterableDataset`` read lazily.
             as_ood: label every example -1 (a labelled dataset used as an OOD set).
+            labels: ``"optional"``: a dataset without a label column is loaded with
+                every label -1 instead of refused (a user's unlabelled folder).
+            any_split: when the data has no ``split`` but exactly one split, read that one
+                (a user's data argument that named no split).
 
         Raises:
             HubUnavailableError: the hub cannot be reached and no ``path`` was given.
-            DataNotFoundError: the source has no verified hub copy and no ``path`` was given.
+            HubAuthenticationError: the hub dataset is gated or private and no login gives access.
+            DataNotFoundError: no such hub dataset, or the source has no verified hub copy and no
+                ``path`` was given.
         """
         if data_files is not None and path is None:
             raise ValueError(f"source {self.source!r}: data_files= needs path= (a builder name or folder)")
         if path is None:
-            loaded = self._load_from_hub(split, streaming)
+            loaded = self._load_from_hub(split, streaming, any_split=any_split)
         else:
-            loaded = self._pick_split(self._load_local(Path(path), data_files, streaming), split)
-        return self._normalise(loaded, as_ood=as_ood or self.label_column is None)
+            loaded = self._pick_split(self._load_local(Path(path), data_files, streaming), split, any_split=any_split)
+        return self._normalise(loaded, as_ood=as_ood or self.label_column is None, labels=labels)
 
-    def _load_from_hub(self, split: str, streaming: bool) -> Dataset | IterableDataset:
-        from datasets import load_dataset
+    def _load_from_hub(self, split: str, streaming: bool, *, any_split: bool = False) -> Dataset | IterableDataset:
+        from datasets import get_dataset_split_names, load_dataset
+        from datasets.exceptions import DatasetNotFoundError
 
         if self.hub_id is None:
             raise DataNotFoundError(
                 f"source {self.source!r} has no verified copy on the Hugging Face hub; {_LOCAL_COPY_HINT}"
             )
+        hub_split = self.split_names.get(split, split)
         try:
-            return load_dataset(self.hub_id, self.config, split=self.split_names.get(split, split), streaming=streaming)
+            try:
+                return load_dataset(self.hub_id, self.config, split=hub_split, streaming=streaming)
+            except ValueError as error:  # datasets: "Unknown split ... Should be one of [...]"
+                if not (any_split and "split" in str(error).lower()):
+                    raise
+                names = get_dataset_split_names(self.hub_id, self.config)
+                if len(names) != 1:
+                    raise ValueError(
+                        f"{self.hub_id!r} has no split {hub_split!r}; name one of its splits: "
+                        + ", ".join(f"{self.hub_id}:{name}" for name in names)
+                    ) from error
+                return load_dataset(self.hub_id, self.config, split=names[0], streaming=streaming)
         except ConnectionError as error:
             raise HubUnavailableError(
                 f"source {self.source!r} needs {self.hub_id!r} from the Hugging Face hub, which cannot "
                 f"be reached from here ({error}). Run with network access once (datasets caches it), "
                 f"or {_LOCAL_COPY_HINT}. Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
+            ) from error
+        except DatasetNotFoundError as error:
+            page = f"https://huggingface.co/datasets/{self.hub_id}"
+            if "gated" in str(error):
+                raise HubAuthenticationError(
+                    f"{self.hub_id!r} is a gated dataset: accept its terms at {page} while logged in, then log in "
+                    "here with `hf auth login` (or set HF_TOKEN to an access token); or "
+                    f"{_LOCAL_COPY_HINT}"
+                ) from error
+            raise DataNotFoundError(
+                f"no dataset {self.hub_id!r} on the Hugging Face hub that this login can read ({page}): check the "
+                "id; for a private dataset log in with `hf auth login` (or set HF_TOKEN)"
             ) from error
 
     def _load_local(
@@ -145,18 +178,25 @@ class HubDataset:
             return load_dataset(builder, data_files=str(path), streaming=streaming)
         return load_dataset(str(path), data_files=data_files, streaming=streaming)
 
-    def _pick_split(self, loaded: Any, split: str) -> Dataset | IterableDataset:
+    def _pick_split(self, loaded: Any, split: str, *, any_split: bool = False) -> Dataset | IterableDataset:
         if not isinstance(loaded, Mapping):
             return loaded
         names = (self.split_names.get(split, split), split)
+        if any_split and split == "test":  # a user's folder of train/ and val/: evaluate on val
+            names = (*names, "validation")
         for name in (*names, *(_SPLIT_SYNONYMS.get(name) for name in names)):
             if name in loaded:
                 return loaded[name]
         if len(loaded) == 1:  # a flat folder of images loads as one "train" split
             return next(iter(loaded.values()))
-        raise ValueError(f"source {self.source!r}: the local copy has no split {split!r}; it has {list(loaded)}")
+        raise ValueError(
+            f"source {self.source!r}: the local copy has no split {split!r}; it has {list(loaded)} "
+            f"(name one: DATA:{next(iter(loaded))})"
+        )
 
-    def _normalise(self, dataset: Dataset | IterableDataset, *, as_ood: bool) -> Dataset | IterableDataset:
+    def _normalise(
+        self, dataset: Dataset | IterableDataset, *, as_ood: bool, labels: str = "required"
+    ) -> Dataset | IterableDataset:
         from datasets import Image
 
         columns = dataset.column_names
@@ -164,6 +204,8 @@ class HubDataset:
             image, label = self.image_column, self.label_column
         else:
             image = _first_present(columns, (self.image_column, "image", "img"), "image", self.source)
+            if not as_ood and labels == "optional" and not {self.label_column, "label"} & set(columns):
+                as_ood = True  # no labels: every example gets the "no class" label -1
             label = None if as_ood else _first_present(columns, (self.label_column, "label"), "label", self.source)
         if image != "image":
             dataset = dataset.rename_column(image, "image")

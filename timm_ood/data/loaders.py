@@ -27,7 +27,7 @@ from .transforms import ModelTransform, UndecodableImageError
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-__all__ = ["ModelLoader", "check_columns", "make_loader"]
+__all__ = ["ModelLoader", "as_batches", "check_columns", "make_loader"]
 
 _INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
 
@@ -263,6 +263,7 @@ def make_loader(
     name = name or getattr(dataset.info, "dataset_name", None) or "dataset"
     check_columns(dataset, name)
     transform = ModelTransform(model, **config_overrides)
+    transform.name = name
     is_stream = isinstance(dataset, IterableDataset)
     if is_stream:
         if shuffle:
@@ -277,3 +278,20 @@ def make_loader(
     # a shuffled or truncated loader reads the rows in another order or not all of them: no store key
     fingerprint = None if shuffle or drop_last else _data_fingerprint(dataset, transform)
     return _build(dataset, settings, transform, fingerprint)
+
+
+def as_batches(
+    data: Any, model: nn.Module, *, batch_size: int = 256, num_workers: int = 0, name: str | None = None
+) -> Any:
+    """``data`` as batches for ``model``: a Hugging Face dataset through :func:`make_loader`, anything else as is.
+
+    What every entry point that takes data (``evaluate``, ``fit``, ``calibrate``)
+    accepts: a ``datasets.Dataset`` or ``IterableDataset`` with ``image`` and
+    ``label`` columns (converted with the model's own data config), a DataLoader,
+    or any iterable of ``(images, labels)`` batches.
+    """
+    from datasets import Dataset, IterableDataset
+
+    if isinstance(data, (Dataset, IterableDataset)):
+        return make_loader(data, model, batch_size=batch_size, num_workers=num_workers, name=name)
+    return data

@@ -16,6 +16,7 @@ small images is too little work to gain from torch's intra-op threads.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from ..model_info import data_config
 __all__ = ["ModelTransform", "UndecodableImageError"]
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+#: Pillow modes of one-channel images (with or without alpha)
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 
 class UndecodableImageError(Exception):
@@ -76,6 +79,9 @@ class ModelTransform:
         model_shape = (height, width) if self.mode == "L" else (height, width, 3)
         # images of this shape skip the resize and crop, unless these change them (crop_pct < 1)
         self._ready_shape = model_shape if self._geometry_keeps(model_shape) else None
+        #: the dataset's name in the message said when grey images are made RGB (set by make_loader)
+        self.name: str | None = None
+        self._said_grey_to_rgb = False
 
     def __repr__(self) -> str:
         size, mean, std = self.config["input_size"], self.config["mean"], self.config["std"]
@@ -94,11 +100,25 @@ class ModelTransform:
             except Exception as error:  # any failure to decode is a corrupt image
                 raise UndecodableImageError(position, error) from error
             if image.mode != self.mode:
+                if self.mode == "RGB" and image.mode in _GREY_MODES and not self._said_grey_to_rgb:
+                    self._say_grey_to_rgb(image.mode)
                 image = image.convert(self.mode)
             if image.size != self._input_width_height or self._ready_shape is None:
                 return self.geometry(image).numpy()
             value = np.asarray(image)
         return value[np.newaxis] if value.ndim == 2 else value.transpose(2, 0, 1)
+
+    def _say_grey_to_rgb(self, mode: str) -> None:
+        """Warn once that grey images are fed to an RGB model (the grey level repeated in R, G and B)."""
+        self._said_grey_to_rgb = True
+        where = f"dataset {self.name!r}" if self.name else "the dataset"
+        warnings.warn(
+            f"{where} holds {mode!r} (grey) images and the model takes 3 channels: each is converted to RGB "
+            "(the grey level in R, G and B). Convert the dataset yourself to silence this, e.g. "
+            "dataset.cast_column('image', datasets.Image(mode='RGB'))",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _geometry_keeps(self, shape: tuple[int, ...]) -> bool:
         """Whether the resize and crop leave an image of the model's shape unchanged (crop_pct 1.0).

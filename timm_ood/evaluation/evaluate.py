@@ -39,6 +39,10 @@ __all__ = ["ALL", "DEFAULT_DETECTORS", "DetectorSpec", "all_detectors", "evaluat
 #: what ``evaluate`` and ``timm-ood demo`` run when not told otherwise
 DEFAULT_DETECTORS: tuple[str, ...] = ("msp", "temperature", "odin", "energy", "maxlogit", "entropy", "mahalanobis")
 ID_SET = "id"
+#: the benchmark ``evaluate`` runs when given neither a benchmark nor data: the offline default
+DEFAULT_BENCHMARK = "fashion-mnist"
+#: score-set name prefix of full-spectrum covariate-shifted ID sets
+COVARIATE_SHIFTED_PREFIX = "id-shifted/"
 
 DetectorSpec = str | Detector | tuple[str, Mapping[str, Any]]
 #: ``detectors="all"``: every post-hoc detector the model can serve
@@ -110,6 +114,25 @@ def all_detectors(tap: Tap) -> list[Detector]:
     return made
 
 
+def _accuracy(scored: Any, set_name: str) -> float | None:
+    """Top-1 accuracy on the labelled images of a set (labels >= 0); None without logits or labels."""
+    if set_name not in scored.predictions or set_name not in scored.labels:
+        return None
+    labelled = scored.labels[set_name] >= 0
+    if not bool(labelled.any()):
+        return None
+    return float((scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]).double().mean())
+
+
+def _class_names(data: Any) -> list[str] | None:
+    """The class names of a dataset whose ``label`` column is a ``ClassLabel`` (an image folder's subfolders)."""
+    from datasets import ClassLabel, Dataset
+
+    if isinstance(data, Dataset) and isinstance(data.features.get("label"), ClassLabel):
+        return list(data.features["label"].names)
+    return None
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, OODModel) else model
 
@@ -128,28 +151,43 @@ def evaluate_loaders(
     fit_data: Iterable | None = None,
     held_out_id_data: Iterable | None = None,
     held_out_ood_data: Iterable | None = None,
+    covariate_shifted_data: Mapping[str, Iterable] | None = None,
+    ood_groups: Mapping[str, Sequence[str]] | None = None,
     tpr: float = 0.95,
     positive: str = "id",
     benchmark: str = "custom",
+    batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool | None = None,
     settings: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | FeatureStore | None = None,
 ) -> EvaluationResults:
-    """Evaluate detectors on your own loaders: ID test batches against named OOD sets.
+    """Evaluate detectors on your own data: ID test images against named OOD sets.
+
+    Every data argument is a Hugging Face dataset with ``image`` and ``label``
+    columns (prepared with the model's own data config by
+    :func:`timm_ood.data.make_loader`, ``batch_size`` images at a time), a
+    DataLoader, or any iterable of ``(images, labels)`` batches.
 
     Args:
         model: a timm model (or an ``OODModel``, whose timm model is used).
         detectors: names, instances or ``(name, hyperparameters)`` pairs.
-        id_data: in-distribution test batches ``(images, labels)``.
-        ood_data: OOD test batches by set name.
-        fit_data: in-distribution training batches, for detectors that fit.
-        held_out_id_data, held_out_ood_data: held-out batches (never evaluation
+        id_data: in-distribution test data; labels -1 (unlabelled) give no accuracy.
+        ood_data: OOD test data by set name.
+        fit_data: in-distribution training data, for detectors that fit.
+        held_out_id_data, held_out_ood_data: held-out data (never evaluation
             images) for the held-out steps detectors declare (``gram``'s
             normalisers, ``multi-mahalanobis``'s weights); without them those
             detectors keep the estimates of their fit.
+        covariate_shifted_data: full-spectrum OOD detection (OpenOOD v1.5's
+            FSOOD): covariate-shifted in-distribution sets by name (ImageNet-V2,
+            -R, ...), counted as in-distribution together with ``id_data``; each
+            one's accuracy is reported.
+        ood_groups: OOD sets grouped for averages, e.g. ``{"near": [...], "far": [...]}``.
         tpr: the TPR of FPR@TPR and of the detection error.
         positive: metric reading, ``"id"`` (the seeds') or ``"ood"`` (OpenOOD).
         benchmark: a name for the report.
+        batch_size, num_workers: for data given as datasets.
         progress: tqdm bars (default: on a terminal).
         settings: extra settings to record in the results.
         cache_dir: a feature store (:mod:`timm_ood.store`): the model's outputs
@@ -157,10 +195,30 @@ def evaluate_loaders(
             when stored (no forward), else computed and stored for later runs.
 
     Raises:
-        ValueError: a detector needs fitting and ``fit_data`` is None; an empty set.
+        ValueError: a detector needs fitting and ``fit_data`` is None; an empty set;
+            a group names a set that is not evaluated.
     """
+    from ..data import as_batches
+
     model = _unwrap(model)
     tap = Tap(model)
+
+    def batches(data: Any, name: str) -> Any:
+        return None if data is None else as_batches(data, model, batch_size=batch_size, num_workers=num_workers,
+                                                    name=f"{benchmark}/{name}")
+
+    id_data = batches(id_data, "id_test")
+    ood_data = {name: batches(data, name) for name, data in ood_data.items()}
+    fit_data, held_out_id_data = batches(fit_data, "id_train"), batches(held_out_id_data, "held_out_id")
+    held_out_ood_data = batches(held_out_ood_data, "held_out_ood")
+    shifted = {f"{COVARIATE_SHIFTED_PREFIX}{name}": batches(data, name)
+               for name, data in (covariate_shifted_data or {}).items()}
+    groups = {group: list(names) for group, names in (ood_groups or {}).items()}
+    for group, names in groups.items():
+        unknown = [name for name in names if name not in ood_data]
+        if unknown:
+            raise ValueError(f"OOD group {group!r} names sets that are not evaluated: {unknown}; "
+                             f"the OOD sets are {', '.join(ood_data)}")
     instances = make_detectors(detectors, tap)
     labels = detector_labels(instances)
     for detector in instances:
@@ -183,15 +241,24 @@ def evaluate_loaders(
     if ID_SET in ood_data:
         raise ValueError(f"an OOD set may not be called {ID_SET!r}")
     started = time.perf_counter()
-    scored = score_sets(tap, instances, {ID_SET: id_data, **ood_data}, labels=labels, progress=progress,
-                        store=bound)
+    scored = score_sets(tap, instances, {ID_SET: id_data, **shifted, **ood_data}, labels=labels,
+                        progress=progress, store=bound)
     score_wall = time.perf_counter() - started
-    accuracy = None
-    if ID_SET in scored.predictions and ID_SET in scored.labels:
-        accuracy = float((scored.predictions[ID_SET] == scored.labels[ID_SET]).double().mean())
+    accuracy = _accuracy(scored, ID_SET)
     ood_sets = list(ood_data)
-    metrics = {label: metrics_per_set(scored.scores[label], ID_SET, ood_sets, tpr=tpr, positive=positive)
-               for label in labels}
+    metrics = {}
+    for label in labels:
+        per_set = dict(scored.scores[label])
+        # full spectrum: the covariate-shifted sets are in-distribution too
+        per_set[ID_SET] = torch.cat([per_set[ID_SET], *(per_set[name] for name in shifted)])
+        metrics[label] = metrics_per_set(per_set, ID_SET, ood_sets, tpr=tpr, positive=positive)
+    extra_settings: dict[str, Any] = {}
+    if groups:
+        extra_settings["ood_groups"] = groups
+    if shifted:
+        extra_settings["covariate_shifted_sets"] = list(shifted)
+        extra_settings["full_spectrum_accuracy"] = {
+            name[len(COVARIATE_SHIFTED_PREFIX):]: _accuracy(scored, name) for name in shifted}
     return EvaluationResults(
         benchmark=benchmark,
         model=_architecture(model),
@@ -211,6 +278,7 @@ def evaluate_loaders(
             "fit_forward_seconds": fit_forward,
             "score_wall_seconds": score_wall,
             "cache_dir": None if store is None else str(store.root),
+            **extra_settings,
             **(settings or {}),
         },
         scored=scored,
@@ -220,9 +288,13 @@ def evaluate_loaders(
 def evaluate(
     model: nn.Module,
     detectors: Sequence[DetectorSpec] | str = DEFAULT_DETECTORS,
-    benchmark: Any = "fashion-mnist",
+    benchmark: Any = None,
     *,
+    id_data: Any = None,
+    ood_data: Mapping[str, Any] | None = None,
+    fit_data: Any = None,
     ood_sets: Sequence[str] | None = None,
+    full_spectrum: bool = False,
     batch_size: int = 256,
     tpr: float = 0.95,
     positive: str = "id",
@@ -232,15 +304,29 @@ def evaluate(
     progress: bool | None = None,
     cache_dir: str | os.PathLike | FeatureStore | None = None,
 ) -> EvaluationResults:
-    """Evaluate detectors on a benchmark: per detector x OOD set, the five metrics of ODIN's Table 2.
+    """Evaluate detectors on a benchmark or on your own data: per detector x OOD set, ODIN's Table 2 metrics.
+
+    ::
+
+        timm_ood.evaluate(model, ["msp", "energy"], "openood-imagenet1k")
+        timm_ood.evaluate(model, ["msp", "knn"], id_data=val_ds, ood_data={"textures": dtd_ds}, fit_data=train_ds)
 
     Args:
-        model: a timm model trained on the benchmark's in-distribution data (or an ``OODModel``).
+        model: a timm model trained on the in-distribution data (or an ``OODModel``).
         detectors: names, instances or ``(name, hyperparameters)`` pairs, or
             ``"all"``: every post-hoc detector the model can serve.
         benchmark: a registered benchmark name (``timm_ood.data.list_benchmarks()``)
-            or a loaded ``timm_ood.data.Benchmark``.
-        ood_sets: evaluate only these OOD sets (default all).
+            or a loaded ``timm_ood.data.Benchmark``; default ``"fashion-mnist"``
+            unless ``id_data`` is given.
+        id_data, ood_data, fit_data: your own data instead of a benchmark: the
+            in-distribution test set, the OOD sets by name and (for detectors that
+            fit) the in-distribution training set, each a Hugging Face dataset
+            (``image`` and ``label`` columns, converted with the model's data config),
+            a DataLoader or an iterable of ``(images, labels)`` batches.
+        ood_sets: evaluate only these OOD sets of the benchmark (default all).
+        full_spectrum: also count the benchmark's covariate-shifted ID sets
+            (OpenOOD v1.5's full-spectrum setting) as in-distribution, and report
+            the accuracy on each.
         batch_size: images per batch.
         tpr: the TPR of FPR@TPR and of the detection error.
         positive: ``"id"`` (the seeds' reading) or ``"ood"`` (OpenOOD / pytorch-ood).
@@ -254,32 +340,68 @@ def evaluate(
 
     Returns:
         :class:`~timm_ood.evaluation.results.EvaluationResults`: ``.table()``, ``.save(dir)``.
+
+    Raises:
+        ValueError: both a benchmark and your own data, or ``id_data`` without ``ood_data``.
     """
-    from ..data import load_benchmark, make_loader
+    from datasets import Dataset
+
+    from ..data import load_benchmark
+    from ..data.images import relabel_as_ood
 
     model = _unwrap(model)
-    bench = load_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+
+    def limited(dataset: Any, limit: int | None) -> Any:
+        if limit is None or not isinstance(dataset, Dataset) or len(dataset) <= limit:
+            return dataset
+        return dataset.select(range(limit))
+
+    common = {"tpr": tpr, "positive": positive, "batch_size": batch_size, "num_workers": num_workers,
+              "progress": progress, "cache_dir": cache_dir}
+    limits = {"batch_size": batch_size, "max_images": max_images, "max_fit_images": max_fit_images}
+    if id_data is not None or ood_data is not None:
+        if benchmark is not None:
+            raise ValueError("give a benchmark or your own data (id_data=, ood_data=), not both")
+        if id_data is None or not ood_data:
+            raise ValueError("your own data needs both id_data= (in-distribution test data) and ood_data= "
+                             "({name: OOD data})")
+        if ood_sets is not None or full_spectrum:
+            raise ValueError("ood_sets= and full_spectrum= choose among a benchmark's sets; with your own data, "
+                             "pass only the sets to evaluate")
+        notes = []
+        classes = _class_names(id_data)
+        if classes is not None and len(classes) != Tap(model).head_info.num_classes:
+            # the folder's classes are not the model's: top-1 accuracy would compare unrelated indices
+            id_data = relabel_as_ood(id_data)  # label -1 throughout: "no class of the model's"
+            notes.append(f"No ID accuracy: the ID test set has {len(classes)} classes and the model "
+                         f"{Tap(model).head_info.num_classes}, so its labels are not the model's classes.")
+        results = evaluate_loaders(
+            model, detectors, id_data=limited(id_data, max_images),
+            ood_data={name: limited(data, max_images) for name, data in ood_data.items()},
+            fit_data=limited(fit_data, max_fit_images), benchmark="custom", settings=limits, **common)
+        results.notes.extend(notes)
+        return results
+
+    bench = load_benchmark(benchmark or DEFAULT_BENCHMARK, full_spectrum=full_spectrum) if (
+        benchmark is None or isinstance(benchmark, str)) else benchmark
     names = list(bench.ood) if ood_sets is None else list(ood_sets)
     missing = [n for n in names if n not in bench.ood]
     if missing:
         raise ValueError(f"benchmark {bench.name!r} has no OOD sets {missing}; it has {', '.join(bench.ood)}")
-
-    def limited(dataset, limit):
-        return dataset if limit is None or len(dataset) <= limit else dataset.select(range(limit))
-
-    def loader(dataset, name, limit=max_images):
-        return make_loader(limited(dataset, limit), model, batch_size=batch_size, num_workers=num_workers, name=name)
-
+    shifted = dict(bench.full_spectrum) if full_spectrum else {}
+    if full_spectrum and not shifted:
+        raise ValueError(f"benchmark {bench.name!r} has no covariate-shifted ID sets for full_spectrum=True; "
+                         "OpenOOD's openood-imagenet1k has")
+    groups = {group: [n for n in members if n in names] for group, members in bench.groups.items()}
     return evaluate_loaders(
         model,
         detectors,
-        id_data=loader(bench.id_test, f"{bench.name}/id_test"),
-        ood_data={name: loader(bench.ood[name], f"{bench.name}/{name}") for name in names},
-        fit_data=loader(bench.id_train, f"{bench.name}/id_train", max_fit_images),
-        tpr=tpr,
-        positive=positive,
+        id_data=limited(bench.id_test, max_images),
+        ood_data={name: limited(bench.ood[name], max_images) for name in names},
+        fit_data=limited(bench.id_train, max_fit_images),
+        covariate_shifted_data={name: limited(data, max_images) for name, data in shifted.items()},
+        ood_groups={group: members for group, members in groups.items() if members},
         benchmark=bench.name,
-        progress=progress,
-        settings={"batch_size": batch_size, "max_images": max_images, "max_fit_images": max_fit_images},
-        cache_dir=cache_dir,
+        settings={**limits, "full_spectrum": full_spectrum},
+        **common,
     )

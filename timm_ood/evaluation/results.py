@@ -76,6 +76,7 @@ class EvaluationResults:
     settings: dict[str, Any] = field(default_factory=dict)
     scored: ScoredSets | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    group_metrics: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict, repr=False)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -94,13 +95,96 @@ class EvaluationResults:
         header = ["detector", "OOD set", *(self._title(m) for m in metrics)]
         rows = []
         sets = [*self.ood_sets, *([AVERAGE] if average and len(self.ood_sets) > 1 else [])]
+        groups = self.group_summary() if average else {}
         for detector in self.detectors:
             for ood_set in sets:
                 values = self.metrics[detector][ood_set]
                 name = f"**{ood_set}**" if ood_set == AVERAGE else ood_set
                 rows.append([detector, name, *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
+            for group, values in groups.get(detector, {}).items():
+                rows.append([detector, f"**{group}-OOD**", *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
         accuracy = "" if self.accuracy is None else f"ID accuracy: {100 * self.accuracy:.2f}%\n\n"
         return accuracy + markdown_table(header, rows)
+
+    @property
+    def ood_groups(self) -> dict[str, list[str]]:
+        """``settings["ood_groups"]`` (e.g. OpenOOD's near / far), restricted to the evaluated sets."""
+        groups = {g: [s for s in members if s in self.ood_sets]
+                  for g, members in (self.settings.get("ood_groups") or {}).items()}
+        return {g: members for g, members in groups.items() if members}
+
+    def id_scores(self, detector: str) -> torch.Tensor:
+        """The in-distribution scores the metrics were computed on: the ID test set's, and in the
+        full-spectrum setting those of the covariate-shifted ID sets after them."""
+        if self.scored is None:
+            raise ValueError("these results carry no scores (loaded from JSON?)")
+        scores = self.scored.scores[detector]
+        shifted = self.settings.get("covariate_shifted_sets") or []
+        return torch.cat([scores[self.settings.get("id_set", "id")], *(scores[name] for name in shifted)])
+
+    def group_summary(self, positive: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
+        """Per detector and group, every metric averaged over the group's OOD sets.
+
+        OpenOOD v1.5 (Zhang et al. 2023) reports near-OOD and far-OOD as the
+        mean of the per-set metrics within each group; so does this.
+
+        Args:
+            positive: the metric reading, ``"id"`` (the seeds') or ``"ood"``
+                (OpenOOD's); default the run's. The other reading is computed
+                from the raw scores.
+
+        Returns:
+            ``{detector: {group: {metric: value}}}``; empty without ``ood_groups``.
+
+        Raises:
+            ValueError: an unknown reading, or the other reading of results that
+                carry no scores and did not store it.
+        """
+        run_reading = self.settings.get("positive", "id")
+        positive = positive or run_reading
+        if positive not in ("id", "ood"):
+            raise ValueError(f"positive must be 'id' or 'ood', not {positive!r}")
+        groups = self.ood_groups
+        if not groups:
+            return {}
+        if positive in self.group_metrics:
+            return self.group_metrics[positive]
+        if positive == run_reading:
+            per_set = self.metrics
+        elif self.scored is not None:
+            id_set, tpr = self.settings.get("id_set", "id"), self.settings.get("tpr", 0.95)
+            per_set = {d: metrics_per_set({**self.scored.scores[d], id_set: self.id_scores(d)}, id_set,
+                                          self.ood_sets, tpr=tpr, positive=positive)
+                       for d in self.detectors}
+        else:
+            raise ValueError(f"these results carry no scores to compute the {positive!r} reading from")
+        summary = {
+            d: {g: {k: sum(per_set[d][s][k] for s in members) / len(members) for k in per_set[d][members[0]]}
+                for g, members in groups.items()}
+            for d in self.detectors
+        }
+        self.group_metrics[positive] = summary
+        return summary
+
+    def group_table(self, metrics: Sequence[str] = ("fpr_at_tpr", "auroc", "aupr_in", "aupr_out"),
+                    *, digits: int = 2) -> str:
+        """Group averages (near-OOD, far-OOD) in both metric readings, as OpenOOD reports them."""
+        header = ["detector", "group", "reading", *(self._title(m) for m in metrics)]
+        readings = {"id": "ID positive", "ood": "OOD positive (OpenOOD)"}
+        available = {}
+        for positive in readings:
+            try:
+                available[positive] = self.group_summary(positive)
+            except ValueError:
+                continue
+        rows = []
+        for detector in self.detectors:
+            for group, members in self.ood_groups.items():
+                for positive, summary in available.items():
+                    values = summary[detector][group]
+                    rows.append([detector, f"{group} ({', '.join(members)})", readings[positive],
+                                 *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
+        return markdown_table(header, rows)
 
     def timing_table(self) -> str:
         """Seconds per detector (fit + scoring) next to the shared forward passes."""
@@ -127,7 +211,13 @@ class EvaluationResults:
             "score_seconds": self.score_seconds,
             "forward_seconds": self.forward_seconds,
             "settings": self.settings,
+            **({"groups": {p: self.group_summary(p) for p in ("id", "ood") if self._has_reading(p)}}
+               if self.ood_groups else {}),
         }
+
+    def _has_reading(self, positive: str) -> bool:
+        return positive in self.group_metrics or positive == self.settings.get("positive", "id") \
+            or self.scored is not None
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One flat row per detector x OOD set (and average): for CSV."""
@@ -177,7 +267,6 @@ class EvaluationResults:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
-        id_set = self.settings.get("id_set", "id")
         for detector in self.detectors:
             scores = self.scored.scores[detector]
             ood = {name: scores[name] for name in self.ood_sets}
@@ -185,9 +274,9 @@ class EvaluationResults:
             stem = _file_safe(detector)
             title = f"{detector} on {self.model}"
             paths[f"roc:{detector}"] = out / f"{stem}_roc.png"
-            plot_roc_curves(scores[id_set], ood, title, paths[f"roc:{detector}"], aurocs)
+            plot_roc_curves(self.id_scores(detector), ood, title, paths[f"roc:{detector}"], aurocs)
             paths[f"histogram:{detector}"] = out / f"{stem}_histogram.png"
-            plot_score_histograms(scores[id_set], ood, title, paths[f"histogram:{detector}"])
+            plot_score_histograms(self.id_scores(detector), ood, title, paths[f"histogram:{detector}"])
         return paths
 
     def markdown(self, command: str | None = None) -> str:
@@ -202,6 +291,13 @@ class EvaluationResults:
         if sizes:
             lines += ["Images: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), ""]
         lines += [self.table(), ""]
+        if self.ood_groups:
+            lines += ["## Near- and far-OOD (OpenOOD v1.5: mean of the per-set metrics)", "",
+                      self.group_table(), ""]
+        shifted = self.settings.get("full_spectrum_accuracy")
+        if shifted:
+            lines += ["## Full-spectrum: accuracy on covariate-shifted ID sets", "",
+                      markdown_table(["set", "accuracy %"], [[k, f"{100 * v:.2f}"] for k, v in shifted.items()]), ""]
         for note in self.notes:
             lines += [note.rstrip(), ""]
         lines += ["## Time", "", self.timing_table(), ""]
@@ -222,6 +318,7 @@ class EvaluationResults:
             ood_sets=data["ood_sets"], metrics=data["metrics"], accuracy=data["accuracy"],
             fit_seconds=data["fit_seconds"], score_seconds=data["score_seconds"],
             forward_seconds=data["forward_seconds"], settings=data["settings"],
+            group_metrics=data.get("groups", {}),
         )
 
 
