@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint data venv clean-venv
+.PHONY: demo test lint docs data venv clean-venv
 
 $(STAMP): pyproject.toml plugins/timm-ood-sklearn/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -n 2 -q tests plugins/timm-ood-sklearn/tests
+
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict    # the site in site/; `mkdocs serve` to browse it while editing
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -54,6 +54,8 @@ def data_fashion_mnist(data_cache_dir: Path) -> None:
 def data_hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The Hugging Face hub is unreachable at once (no retries) and ``datasets`` caches in ``tmp_path``."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # timm's weights and the Hub too
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")

@@ -135,7 +135,7 @@ def test_grey_images_for_an_rgb_model_are_converted_and_said_so_once(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         images = [batch[0] for batch in loader]
-    said = [w for w in caught if "grey" in str(w.message)]
+    said = [w for w in caught if "converted to RGB" in str(w.message)]
     assert len(said) == 1 and "'grey-set'" in str(said[0].message) and "converted to RGB" in str(said[0].message)
     assert images[0].shape[1] == 3
     assert np.allclose(images[0][:, 0].numpy() * loader.transform.std[0] + loader.transform.mean[0],

@@ -7,11 +7,15 @@
     scores = model.ood_score(images)     # Tensor[B], higher = more out-of-distribution
 
 Scores are higher for more out-of-distribution inputs, for every detector.
+``timm_ood.data`` (sources, benchmarks, loaders for a model) and
+``timm_ood.training`` (training-time methods) are imported on first use.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .detectors import create_detector, get_detector_class, list_detectors
@@ -34,6 +38,23 @@ from .model import OODModel, create_model, wrap
 from .pretrained import from_pretrained
 from .registry import register_plugin, reload_plugins
 from .tap import Need, Outputs, Tap
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time they are imported on first access
+    from . import data, training
+
+#: subpackages imported on first access (``timm_ood.data``, ``timm_ood.training``), as ``import timm_ood.data`` would
+_LAZY_SUBPACKAGES = frozenset({"data", "training"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBPACKAGES:
+        return import_module(f".{name}", __name__)  # import_module also sets it as an attribute of this module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBPACKAGES})
+
 
 try:
     __version__ = version("timm-ood")
@@ -60,6 +81,7 @@ __all__ = [
     "__version__",
     "create_detector",
     "create_model",
+    "data",
     "evaluate",
     "from_pretrained",
     "get_detector_class",
@@ -68,6 +90,7 @@ __all__ = [
     "metrics",
     "register_plugin",
     "reload_plugins",
+    "training",
     "tune",
     "wrap",
 ]

@@ -352,6 +352,31 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+#: how long the demo's steps take on 2 CPU cores (README.md), by --fast
+_DEMO_TRAINING_TIME = {False: "about 12 minutes on 2 CPU cores", True: "seconds"}
+_DEMO_EVALUATION_TIME = {False: "about 2 minutes on 2 CPU cores", True: "seconds"}
+
+
+def _demo_plan(args: argparse.Namespace, recipe, detectors: Sequence[str]) -> str:
+    """The demo's first line: what it is about to do, for how many seeds, and where the report goes."""
+    seeds = ("seeds " if len(args.seeds) > 1 else "seed ") + ", ".join(str(seed) for seed in args.seeds)
+    model = "a tiny stand-in model (--fast)" if args.fast else "the reference model"
+    return (f"timm-ood demo: {model}, {recipe.architecture} trained on {recipe.source} ({seeds}; trained once, "
+            f"then read from the cache), scored by {len(detectors)} detectors "
+            f"({', '.join(detectors)}) on Fashion-MNIST's test images against the offline OOD sets; "
+            f"report written to {args.out}")
+
+
+def _demo_model_notice(recipe, path: Path, *, cached: bool, fast: bool) -> str:
+    """Where the seed's model comes from: the cache (its path), or training now (how long, and where it is kept)."""
+    if cached:
+        return (f"seed {recipe.seed}: using the cached {recipe.architecture} at {path} (--retrain trains it again, "
+                f"{_DEMO_TRAINING_TIME[fast]})")
+    return (f"seed {recipe.seed}: training {recipe.architecture} on {recipe.source} for {recipe.epochs} "
+            f"epoch{'s' if recipe.epochs > 1 else ''} ({_DEMO_TRAINING_TIME[fast]}); the model is cached at {path}, "
+            "so later runs skip this step")
+
+
 def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import dataclasses
 
@@ -371,18 +396,16 @@ def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.record_reference and len(args.seeds) < 2:
         raise ValueError("--record-reference needs at least two --seeds (e.g. --seeds 0,1,2): one run has no spread")
     base = FAST_RECIPE if args.fast else RECIPE
+    print(_demo_plan(args, base, DEFAULT_DETECTORS), flush=True)
     runs = {}
     for seed in args.seeds:
         recipe = dataclasses.replace(base, seed=seed)
         path = checkpoint_path(recipe)
-        if path.exists() and not args.retrain:
-            print(f"reference model, seed {seed}: {recipe.architecture} on {recipe.source}, cached at {path}",
-                  flush=True)
-        else:
-            duration = "seconds" if args.fast else "about 12 minutes on 2 CPU cores"
-            print(f"training the reference model, seed {seed}: {recipe.architecture} on {recipe.source} for "
-                  f"{recipe.epochs} epochs ({duration}); it is cached at {path} for later runs", flush=True)
+        print(_demo_model_notice(recipe, path, cached=path.exists() and not args.retrain, fast=args.fast),
+              flush=True)
         model = reference_model(recipe, retrain=args.retrain, progress=not args.quiet)
+        print(f"seed {seed}: evaluating {len(DEFAULT_DETECTORS)} detectors on fashion-mnist "
+              f"({_DEMO_EVALUATION_TIME[args.fast]})", flush=True)
         trained_on = read_checkpoint_metadata(path)["metadata"].get("numerics")
         runs[seed] = evaluate(model, DEFAULT_DETECTORS, "fashion-mnist", batch_size=args.batch_size,
                               max_images=500 if args.fast else None,
@@ -409,117 +432,209 @@ def _demo(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(f"\nreport with plots written to {args.out}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: ``(default: X)``.
+
+    A help that already says its default (``default`` in the text) is left as
+    it is; so is a flag (default False) and an option whose default is None,
+    whose help says in words what happens without it (``default: ...``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose unrecognised arguments are reported by the sub-command they follow.
+
+    ``timm-ood eval --epochs 3`` names the sub-command that has ``--epochs``
+    and shows ``eval``'s usage, not the top-level one.
+    """
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            commands = getattr(self, "commands", {})
+            (commands.get(command) or self).error(_unrecognized(extras, command, commands))
+        return parsed
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _unrecognized(extras: Sequence[str], command: str | None, commands: dict[str, argparse.ArgumentParser]) -> str:
+    """``unrecognized arguments: --epochs 3; --epochs is an option of `timm-ood train`, not of eval``."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    hints = []
+    for extra in extras:
+        option = extra.split("=", 1)[0]
+        if not option.startswith("-"):
+            continue
+        owners = [name for name, sub in commands.items() if name != command and option in _option_strings(sub)]
+        if owners:
+            hints.append(f"{option} is an option of {' and '.join(f'`timm-ood {n}`' for n in owners)}"
+                         + (f", not of {command}" if command else ""))
+    if hints:
+        return message + "; " + "; ".join(hints)
+    return message + (f" (timm-ood {command} --help lists its options)" if command else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``timm-ood`` (one sub-command per job)."""
-    parser = argparse.ArgumentParser(prog="timm-ood", description="Out-of-distribution detection for timm models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    """The argument parser of ``timm-ood`` (one sub-command per job); every option's help shows its default."""
+    parser = _Parser(prog="timm-ood", description="Out-of-distribution detection for timm models.",
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    listing = commands.add_parser("list", help="registered detectors, data sources and benchmarks")
-    listing.add_argument("what", nargs="?", default="all", choices=("all", "detectors", "sources", "benchmarks"))
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+        parser.commands[name] = sub
+        return sub
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default 256)")
+    parser.commands = {}
+    listing = command("list", "registered detectors, data sources and benchmarks")
+    listing.add_argument("what", nargs="?", default="all", choices=("all", "detectors", "sources", "benchmarks"),
+                         help="what to list")
+
+    def common(sub: argparse.ArgumentParser, batch_size: int = 256) -> None:
+        sub.add_argument("--batch-size", type=_positive_int, default=batch_size, metavar="N", help="images per batch")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    train = commands.add_parser("train", help="train a timm model on an in-distribution source")
-    train.add_argument("--model", required=True, help="timm architecture, e.g. resnet18")
-    train.add_argument("--data", default="fashion-mnist", help="in-distribution source (default fashion-mnist)")
-    train.add_argument("--epochs", type=_positive_int, default=2)
-    train.add_argument("--optimizer", choices=("sgd", "adamw", "adam"), default="sgd")
-    train.add_argument("--lr", type=_positive_float, default=0.1, help="peak learning rate (cosine schedule)")
-    train.add_argument("--weight-decay", type=_non_negative_float, default=5e-4)
+    train = command("train", "train a timm model on an in-distribution source")
+    train.add_argument("--model", required=True, metavar="NAME",
+                       help="timm architecture, e.g. resnet18 (random initial weights)")
+    train.add_argument("--data", default="fashion-mnist",
+                       help="in-distribution source: trained on its train split, tested on its test split "
+                            "(timm-ood list sources)")
+    train.add_argument("--epochs", type=_positive_int, default=2, metavar="N", help="passes over the training images")
+    train.add_argument("--optimizer", choices=("sgd", "adamw", "adam"), default="sgd",
+                       help="sgd (Nesterov momentum 0.9), adamw or adam")
+    train.add_argument("--lr", type=_positive_float, default=0.1,
+                       help="peak learning rate of the cosine schedule (0.1 suits sgd; about 1e-3 for adamw and adam)")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=5e-4, help="L2 weight decay")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random 2-pixel shifts and flips")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-images", type=_positive_int, default=None, help="train on the first N images")
-    train.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    common(train)
-    train.set_defaults(batch_size=128)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seeds the initial weights, the image order and the augmentation")
+    train.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
+                       help="train on N images drawn with --seed (default: every training image)")
+    train.add_argument("--out", required=True, metavar="FILE",
+                       help="checkpoint to write (.safetensors; read back by --checkpoint FILE)")
+    common(train, batch_size=128)
 
     def model_args(sub: argparse.ArgumentParser, *, benchmark: bool = True) -> None:
-        sub.add_argument("--model", default=None,
+        sub.add_argument("--model", default=None, metavar="NAME",
                          help="timm model with its pretrained tag (resnet50.a1_in1k) or an hf_hub: id; with "
                               "--checkpoint the architecture (default: the checkpoint's)")
         sub.add_argument("--weights", default=None, metavar="FILE",
                          help="a local .safetensors/.pth state dict for --model, loaded through timm's "
-                              "pretrained_cfg_overlay=dict(file=...) (no download; the tag's data config is kept)")
-        sub.add_argument("--checkpoint", default=None, metavar="FILE", help="a checkpoint written by `timm-ood train`")
+                              "pretrained_cfg_overlay=dict(file=...) (default: the tag's pretrained weights, from "
+                              "timm's cache or the hub; the tag's data config is kept either way)")
+        sub.add_argument("--checkpoint", default=None, metavar="FILE",
+                         help="a checkpoint written by `timm-ood train --out FILE` (default: none; --model names "
+                              "the model)")
         if benchmark:
-            sub.add_argument("--benchmark", default=None,
-                             help="benchmark name (timm-ood list benchmarks; default fashion-mnist)")
+            sub.add_argument("--benchmark", default=None, metavar="NAME",
+                             help="benchmark name (timm-ood list benchmarks; default: fashion-mnist)")
         sub.add_argument("--source-path", action="append", default=None, metavar="SOURCE=PATH",
                          help="read a registered source (of the benchmark, or named as DATA) from a local copy: an "
-                              "image folder, parquet files, a save_to_disk folder; repeatable")
-        sub.add_argument("--max-images", type=_positive_int, default=None, help="at most N images per set")
+                              "image folder, parquet files, a save_to_disk folder; repeatable (default: each "
+                              "source's own location)")
+        sub.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
+                         help="at most N images per set (default: every image)")
         sub.add_argument("--device", default="auto",
-                         help="cpu, cuda, cuda:1, ... (default auto: this rank's GPU under torchrun, else a GPU if "
+                         help="cpu, cuda, cuda:1, ... (default: auto: this rank's GPU under torchrun, else a GPU if "
                               "there is one, else the CPU)")
-        sub.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes (default 0)")
+        sub.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
+                         help="DataLoader worker processes (0: load in the main process)")
 
     data_help = ("a source name (timm-ood list sources), a hub dataset id org/name, an image folder, parquet "
                  "files or a save_to_disk folder; optionally :split")
 
-    evaluation = commands.add_parser("eval", help="evaluate detectors on a benchmark")
+    evaluation = command("eval", "evaluate detectors on a benchmark or on your own data")
     model_args(evaluation)
     evaluation.add_argument("--id-train", default=None, metavar="DATA",
                             help=f"your in-distribution training data, for detectors that fit: {data_help} "
-                                 "(default split train)")
+                                 "(default split: train)")
     evaluation.add_argument("--id-test", default=None, metavar="DATA",
-                            help="your in-distribution test data (default split test, else validation)")
+                            help="your in-distribution test data (default split: test, else validation)")
     evaluation.add_argument("--ood", action="append", default=None, metavar="NAME=DATA",
-                            help="an OOD set of yours, named; repeatable (e.g. --ood textures=./dtd)")
+                            help="an OOD set of yours, named; repeatable (e.g. --ood textures=./dtd; default: the "
+                                 "benchmark's OOD sets)")
     evaluation.add_argument("--full-spectrum", action="store_true",
                             help="count the benchmark's covariate-shifted ID sets as in-distribution and report "
                                  "their accuracy (OpenOOD v1.5's full-spectrum setting)")
-    evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis",
+    evaluation.add_argument("--detectors", type=_names, default="msp,odin,energy,mahalanobis", metavar="NAMES",
                             help="comma-separated names, or 'all' (every post-hoc detector the model can serve)")
-    evaluation.add_argument("--cache-dir", default=None,
+    evaluation.add_argument("--cache-dir", default=None, metavar="DIR",
                             help="feature store: the model's outputs for each set are computed once and read by every "
-                                 "later run of the same model and data (e.g. ~/.cache/timm-ood/outputs)")
-    evaluation.add_argument("--tpr", type=_rate, default=0.95, help="TPR of FPR@TPR, in (0, 1] (default 0.95)")
-    evaluation.add_argument("--positive", choices=("id", "ood"), default="id", help="metric reading")
-    evaluation.add_argument("--max-fit-images", type=_positive_int, default=None)
-    evaluation.add_argument("--out", default=None, help="write markdown, JSON, CSV and plots here")
-    evaluation.add_argument("--no-plots", action="store_true")
+                                 "later run of the same model and data, e.g. ~/.cache/timm-ood/outputs (default: "
+                                 "none, every run computes them)")
+    evaluation.add_argument("--tpr", type=_rate, default=0.95,
+                            help="the in-distribution true positive rate at which FPR@TPR and the detection error "
+                                 "are read, in (0, 1]")
+    evaluation.add_argument("--positive", choices=("id", "ood"), default="id",
+                            help="which class the metrics count as positive: id (the papers' reading) or ood "
+                                 "(OpenOOD's)")
+    evaluation.add_argument("--max-fit-images", type=_positive_int, default=None, metavar="N",
+                            help="fit detectors on at most N in-distribution training images (default: every one)")
+    evaluation.add_argument("--out", default=None, metavar="FOLDER",
+                            help="write markdown, JSON, CSV and plots here (default: print the table only)")
+    evaluation.add_argument("--no-plots", action="store_true", help="with --out: skip the ROC and histogram plots")
     common(evaluation)
 
-    tuning = commands.add_parser("tune", help="tune a detector on the benchmark's held-out images (ODIN's protocol)")
+    tuning = command("tune", "tune a detector on the benchmark's held-out images (ODIN's protocol)")
     model_args(tuning)
-    tuning.add_argument("--detector", default="odin")
-    tuning.add_argument("--protocol", choices=("per-set", "cross-set"), default="per-set")
-    tuning.add_argument("--out", default=None, help="write the chosen hyperparameters as JSON")
+    tuning.add_argument("--detector", default="odin", metavar="NAME",
+                        help="a detector with a search space, e.g. odin, temperature, energy, react, knn")
+    tuning.add_argument("--protocol", choices=("per-set", "cross-set"), default="per-set",
+                        help="per-set: tune on each OOD set's held-out images; cross-set: also test each set's "
+                             "choice on every other set's evaluation images")
+    tuning.add_argument("--out", default=None, metavar="FILE",
+                        help="write the chosen hyperparameters as JSON (default: print them only)")
     common(tuning)
 
-    fitting = commands.add_parser("fit", help="fit a detector on your in-distribution data, calibrate its "
-                                               "threshold and save it (save_pretrained folder)")
+    fitting = command("fit", "fit a detector on your in-distribution data, calibrate its threshold and save it "
+                             "(save_pretrained folder)")
     model_args(fitting, benchmark=False)
-    fitting.add_argument("--detector", required=True, help="a registered detector (timm-ood list detectors)")
-    fitting.add_argument("--detector-args", type=_detector_arguments, default={}, metavar="JSON",
-                         help='its hyperparameters as a JSON object, e.g. \'{"k": 50}\' (default: its defaults)')
+    fitting.add_argument("--detector", required=True, metavar="NAME",
+                         help="a registered detector (timm-ood list detectors)")
+    fitting.add_argument("--detector-args", type=_detector_arguments, default="{}", metavar="JSON",
+                         help='its hyperparameters as a JSON object, e.g. \'{"k": 50}\' (default: {}, its defaults)')
     fitting.add_argument("--id-train", required=True, metavar="DATA",
-                         help=f"in-distribution training data: {data_help} (default split train)")
+                         help=f"in-distribution training data: {data_help} (default split: train)")
     fitting.add_argument("--calibrate-tpr", type=_rate, default=None, metavar="TPR",
-                         help="store the threshold that accepts this fraction of held-out ID images, e.g. 0.95")
+                         help="store the threshold that accepts this fraction of held-out ID images, e.g. 0.95 "
+                              "(default: no threshold)")
     fitting.add_argument("--id-val", default=None, metavar="DATA",
                          help="held-out ID data to calibrate on (default: --calibration-images images held out of "
                               "--id-train, not fitted on)")
-    fitting.add_argument("--calibration-images", type=_positive_int, default=5000,
+    fitting.add_argument("--calibration-images", type=_positive_int, default=5000, metavar="N",
                          help="images held out of --id-train for calibration when --id-val is not given "
-                              "(default 5000, at most half)")
-    fitting.add_argument("--seed", type=int, default=0, help="seeds which images are held out (default 0)")
-    fitting.add_argument("--max-fit-images", type=_positive_int, default=None, help="fit on at most N images")
-    fitting.add_argument("--cache-dir", default=None, help="feature store for the model's outputs (see eval)")
-    fitting.add_argument("--out", required=True, help="folder to write (detector.safetensors, config.json, "
-                                                       "README.md model card)")
+                              "(at most half of them)")
+    fitting.add_argument("--seed", type=int, default=0, help="seeds which images are held out")
+    fitting.add_argument("--max-fit-images", type=_positive_int, default=None, metavar="N",
+                         help="fit on at most N images (default: every one)")
+    fitting.add_argument("--cache-dir", default=None, metavar="DIR",
+                         help="feature store for the model's outputs (see eval; default: none)")
+    fitting.add_argument("--out", required=True, metavar="FOLDER",
+                         help="folder to write (detector.safetensors, config.json, README.md model card)")
     common(fitting)
 
-    demo = commands.add_parser("demo", help="the offline default end to end: reference model, evaluation, report")
-    demo.add_argument("--out", default="report", help="report folder (default report/)")
-    demo.add_argument("--fast", action="store_true", help="a tiny stand-in model and small sets (seconds)")
-    demo.add_argument("--retrain", action="store_true", help="ignore the cached reference model")
-    demo.add_argument("--seeds", type=_seeds, default=[0],
-                      help="training seeds, comma-separated (default 0); several seeds report mean ± sd")
+    demo = command("demo", "the offline default end to end: reference model, evaluation, report")
+    demo.add_argument("--out", default="report", metavar="FOLDER", help="report folder")
+    demo.add_argument("--fast", action="store_true",
+                      help="a tiny stand-in model and small sets (seconds, not the reference's minutes)")
+    demo.add_argument("--retrain", action="store_true", help="train again, ignoring the cached reference model")
+    demo.add_argument("--seeds", type=_seeds, default="0",
+                      help="training seeds, comma-separated; several seeds report mean ± sd")
     demo.add_argument("--record-reference", action="store_true",
                       help="with several --seeds: store their means as the reference single runs are compared with")
     common(demo)

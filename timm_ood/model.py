@@ -157,15 +157,19 @@ class OODModel(nn.Module):
         """Scores (float64, CPU) and labels (None when the batches have none) of every image of ``data``.
 
         Under torch.distributed every rank scores its part of the data and
-        gets the scores of all ranks, in rank order.
+        gets the scores of all ranks, in rank order. ``desc`` labels the
+        progress bar, followed by "images" ("score images").
         """
-        scored = score_sets(self.tap, [self.detector], {"data": self._batches(data, desc)}, labels=["score"],
+        scored = score_sets(self.tap, [self.detector], {"images": self._batches(data, None)}, labels=["score"],
                             with_predictions=False,
                             progress=progress, desc=desc)
-        return scored.scores["score"]["data"], scored.labels.get("data")
+        return scored.scores["score"]["images"], scored.labels.get("images")
 
-    def _batches(self, data: Any, name: str) -> Any:
-        """A Hugging Face dataset as a loader shaped for this model; loaders and batches as they are."""
+    def _batches(self, data: Any, name: str | None) -> Any:
+        """A Hugging Face dataset as a loader shaped for this model; loaders and batches as they are.
+
+        ``name`` names the dataset in errors (None: the dataset's own name).
+        """
         from .data.loaders import as_batches
 
         return None if data is None else as_batches(data, self.model, name=name)
@@ -179,7 +183,7 @@ class OODModel(nn.Module):
 
         The threshold is the smallest score ``t`` with ``P_ID(score <= t) >=
         tpr``, the same ``t*`` at which FPR@95TPR is read
-        (``methods/metrics.md``). :meth:`predict` flags ``score > t`` as OOD.
+        (``docs/metrics.md``). :meth:`predict` flags ``score > t`` as OOD.
 
         Args:
             id_data: in-distribution data not used for fitting (validation data): a Hugging Face
@@ -192,7 +196,7 @@ class OODModel(nn.Module):
         """
         if not 0 < tpr <= 1:
             raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-        scores, _ = self.score_data(id_data, progress=progress, desc="calibrate")
+        scores, _ = self.score_data(id_data, progress=progress, desc="calibrate the threshold on ID")
         ordered = scores.sort().values
         accepted = torch.arange(1, ordered.numel() + 1, dtype=torch.float64) / ordered.numel()
         index = int((accepted < tpr).sum())

@@ -150,7 +150,7 @@ def create_timm_model(
         if pretrained and _is_missing_weights(error):
             raise WeightsUnavailableError(
                 f"the pretrained weights of {model_name} are not in the local cache and the Hugging Face hub cannot "
-                f"be reached: {_OFFLINE_HINT}"
+                f"be reached: {_OFFLINE_HINT}. Set HF_HUB_OFFLINE=1 to fail at once instead of retrying"
             ) from error
         raise
     return model.eval()

@@ -82,6 +82,7 @@ class ModelTransform:
         #: the dataset's name in the message said when grey images are made RGB (set by make_loader)
         self.name: str | None = None
         self._said_grey_to_rgb = False
+        self._said_upscaled = False
 
     def __repr__(self) -> str:
         size, mean, std = self.config["input_size"], self.config["mean"], self.config["std"]
@@ -104,6 +105,9 @@ class ModelTransform:
                     self._say_grey_to_rgb(image.mode)
                 image = image.convert(self.mode)
             if image.size != self._input_width_height or self._ready_shape is None:
+                width, height = self._input_width_height
+                if not self._said_upscaled and 2 * image.width <= width and 2 * image.height <= height:
+                    self._say_upscaled(image.size)
                 return self.geometry(image).numpy()
             value = np.asarray(image)
         return value[np.newaxis] if value.ndim == 2 else value.transpose(2, 0, 1)
@@ -116,6 +120,21 @@ class ModelTransform:
             f"{where} holds {mode!r} (grey) images and the model takes 3 channels: each is converted to RGB "
             "(the grey level in R, G and B). Convert the dataset yourself to silence this, e.g. "
             "dataset.cast_column('image', datasets.Image(mode='RGB'))",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def _say_upscaled(self, size: tuple[int, int]) -> None:
+        """Warn once that images are at most half the model's input size: each is enlarged to it, at its cost."""
+        self._said_upscaled = True
+        width, height = self._input_width_height
+        warnings.warn(
+            f"images of {size[0]}x{size[1]} pixels for a model that takes {width}x{height} inputs: each is "
+            f"upscaled to {width}x{height}, {width * height / (size[0] * size[1]):.0f}x the pixels to compute on. "
+            "For a model trained on these images, give it their input size and statistics when creating it: "
+            "timm.create_model(..., pretrained_cfg_overlay=timm_ood.data.model_overlay('fashion-mnist')) (the "
+            "source's name), benchmark.model_overlay(), or pretrained_cfg_overlay={'input_size': (C, H, W), "
+            "'mean': ..., 'std': ..., 'crop_pct': 1.0}",
             UserWarning,
             stacklevel=2,
         )

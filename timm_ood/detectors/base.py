@@ -294,7 +294,8 @@ class Detector(nn.Module, metaclass=ABCMeta):
                 :mod:`timm_ood.fingerprint`); otherwise the structure and the classifier.
             strict: False only warns (and accepts the model) when the weights differ;
                 another class count, feature width or input channel count always raises.
-            fix, hatch: the sentences of the message that say how to fix it / go on anyway.
+            fix: the sentence of the message that says how to fix it.
+            hatch: the sentence that says how to go on anyway.
 
         Raises:
             IncompatibleModelError: saying what differs and how to fix it.

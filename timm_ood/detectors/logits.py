@@ -3,7 +3,7 @@
 Scores are computed in log space where the paper's score is a probability:
 ``-log max softmax`` is a strictly decreasing function of the max softmax
 probability, so every ranking metric is the same as for ``-MSP``, but confident
-inputs no longer tie at exactly 1.0 in float32 (``methods/metrics.md``,
+inputs no longer tie at exactly 1.0 in float32 (``docs/metrics.md``,
 "saturated softmax scores"). The softmax-family scores (``msp``,
 ``temperature``, ``odin``) are computed and returned in float64: at T = 1000
 every input's score sits within about 1e-4 of ``log K`` and float32 would

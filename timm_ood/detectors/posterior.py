@@ -3,7 +3,7 @@
 All three read only the logits and compute in float64 from ``log_softmax``:
 probabilities of confident inputs sit within 1e-7 of 0 and 1, where float32
 (and ``1 - p`` formed by subtraction) would tie inputs that the scores tell
-apart (``methods/metrics.md``, "saturated softmax scores").
+apart (``docs/metrics.md``, "saturated softmax scores").
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import nn
 from .._runtime import eval_mode, model_device, model_dtype
 from ..detectors import create_detector, list_detectors
 from ..detectors.base import Detector
+from ..distributed import is_main_process
 from ..errors import IncompatibleModelError
 from ..fitting import fit_detectors, fit_held_out
 from ..model import OODModel
@@ -124,6 +126,44 @@ def _accuracy(scored: Any, set_name: str) -> float | None:
     return float((scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]).double().mean())
 
 
+#: ID accuracy at or below this many times chance (1 / the ID test set's class count) draws a warning
+_NEAR_CHANCE_FACTOR = 2.0
+
+
+def _near_chance_warning(accuracy: float | None, labels: torch.Tensor | None, num_classes: int = 0) -> str | None:
+    """The warning for an ID accuracy near chance, or None.
+
+    Chance is ``1 / K`` for the ``K`` distinct labels of the labelled ID test
+    images (what always answering one class scores on a balanced set). The
+    rule: warn when ``accuracy <= min(_NEAR_CHANCE_FACTOR * chance, (1 + chance) / 2)``,
+    i.e. at most twice chance, and never above halfway from chance to 100%
+    (two classes: 75%). No warning without an accuracy or with fewer than two
+    classes. Detectors read the classifier's confidence, so the OOD metrics of
+    such a model say little.
+
+    Args:
+        accuracy: the top-1 accuracy on the ID test set.
+        labels: the ID test set's labels (-1: unlabelled, ignored).
+        num_classes: the model's class count (0: unknown); a label beyond it is named.
+    """
+    if accuracy is None or labels is None:
+        return None
+    labelled = labels[labels >= 0]
+    classes = int(labelled.unique().numel())
+    if classes < 2:
+        return None
+    chance = 1 / classes
+    if accuracy > min(_NEAR_CHANCE_FACTOR * chance, (1 + chance) / 2):
+        return None
+    beyond = num_classes > 0 and int(labelled.max()) >= num_classes
+    cause = (f"the ID labels go up to {int(labelled.max())} but the model has {num_classes} classes: the labels are "
+             "not the model's classes" if beyond else
+             "the model is untrained or not the checkpoint trained on this data, or the ID labels are not the "
+             "model's classes")
+    return (f"ID accuracy is {100 * accuracy:.1f}%, near chance ({100 * chance:.1f}% for {classes} classes): {cause}; "
+            "the OOD metrics of such a model say little")
+
+
 def _class_names(data: Any) -> list[str] | None:
     """The class names of a dataset whose ``label`` column is a ``ClassLabel`` (an image folder's subfolders)."""
     from datasets import ClassLabel, Dataset
@@ -175,10 +215,12 @@ def evaluate_loaders(
         id_data: in-distribution test data; labels -1 (unlabelled) give no accuracy.
         ood_data: OOD test data by set name.
         fit_data: in-distribution training data, for detectors that fit.
-        held_out_id_data, held_out_ood_data: held-out data (never evaluation
+        held_out_id_data: held-out in-distribution data (never evaluation
             images) for the held-out steps detectors declare (``gram``'s
-            normalisers, ``multi-mahalanobis``'s weights); without them those
+            normalisers, ``multi-mahalanobis``'s weights); without it those
             detectors keep the estimates of their fit.
+        held_out_ood_data: held-out OOD data, for the held-out steps that read it
+            (``multi-mahalanobis``).
         covariate_shifted_data: full-spectrum OOD detection (OpenOOD v1.5's
             FSOOD): covariate-shifted in-distribution sets by name (ImageNet-V2,
             -R, ...), counted as in-distribution together with ``id_data``; each
@@ -187,7 +229,8 @@ def evaluate_loaders(
         tpr: the TPR of FPR@TPR and of the detection error.
         positive: metric reading, ``"id"`` (the seeds') or ``"ood"`` (OpenOOD).
         benchmark: a name for the report.
-        batch_size, num_workers: for data given as datasets.
+        batch_size: images per batch, for data given as datasets.
+        num_workers: DataLoader workers, for data given as datasets.
         progress: tqdm bars (default: on a terminal).
         settings: extra settings to record in the results.
         cache_dir: a feature store (:mod:`timm_ood.store`): the model's outputs
@@ -197,6 +240,12 @@ def evaluate_loaders(
     Raises:
         ValueError: a detector needs fitting and ``fit_data`` is None; an empty set;
             a group names a set that is not evaluated.
+
+    Warns:
+        UserWarning: the ID accuracy is near chance, at most twice ``1 / K`` for
+            the ``K`` classes of the labelled ID test images (and at most halfway
+            from chance to 100%): an untrained model, a wrong checkpoint, or ID
+            labels that are not the model's classes.
     """
     from ..data import as_batches
 
@@ -245,6 +294,9 @@ def evaluate_loaders(
                         progress=progress, store=bound)
     score_wall = time.perf_counter() - started
     accuracy = _accuracy(scored, ID_SET)
+    near_chance = _near_chance_warning(accuracy, scored.labels.get(ID_SET), tap.head_info.num_classes)
+    if near_chance is not None and is_main_process():
+        warnings.warn(near_chance, UserWarning, stacklevel=2)
     ood_sets = list(ood_data)
     metrics = {}
     for label in labels:

@@ -15,7 +15,7 @@ import torch
 
 from ..distributed import is_main_process
 from ..scoring import ScoredSets
-from .plots import plot_roc_curves, plot_score_histograms
+from .plots import HeatmapPanel, plot_roc_curves, plot_score_histograms, plot_summary
 
 __all__ = ["METRIC_TITLES", "TABLE_METRICS", "EvaluationResults", "markdown_table"]
 
@@ -233,7 +233,8 @@ class EvaluationResults:
 
         Args:
             directory: created if missing.
-            plots: also draw ROC curves and score histograms per detector.
+            plots: also draw ROC curves and score histograms per detector, and the
+                summary heat map (``plots/summary.png``).
             command: the command line that produced the results, recorded in the markdown.
 
         Under torch.distributed only rank 0 writes (every rank holds the same
@@ -241,7 +242,7 @@ class EvaluationResults:
 
         Returns:
             The written paths by kind (``"markdown"``, ``"json"``, ``"csv"``,
-            ``"roc:<detector>"``, ``"histogram:<detector>"``).
+            ``"summary"``, ``"roc:<detector>"``, ``"histogram:<detector>"``).
         """
         if not is_main_process():
             return {}
@@ -261,12 +262,24 @@ class EvaluationResults:
         return paths
 
     def save_plots(self, directory: str | os.PathLike) -> dict[str, Path]:
-        """ROC curves and score histograms, one PNG of each per detector."""
+        """The summary heat map (``summary.png``), and ROC curves and score histograms per detector.
+
+        Args:
+            directory: created if missing.
+
+        Returns:
+            The written paths by kind (``"summary"``, ``"roc:<detector>"``, ``"histogram:<detector>"``).
+
+        Raises:
+            ValueError: the results carry no raw scores (loaded from JSON).
+        """
         if self.scored is None:
             raise ValueError("these results carry no scores to plot (loaded from JSON?)")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {}
+        paths = {"summary": out / "summary.png"}
+        self.save_summary(paths["summary"])
+        tpr, positive = self.settings.get("tpr", 0.95), self.settings.get("positive", "id")
         for detector in self.detectors:
             scores = self.scored.scores[detector]
             ood = {name: scores[name] for name in self.ood_sets}
@@ -274,10 +287,53 @@ class EvaluationResults:
             stem = _file_safe(detector)
             title = f"{detector} on {self.model}"
             paths[f"roc:{detector}"] = out / f"{stem}_roc.png"
-            plot_roc_curves(self.id_scores(detector), ood, title, paths[f"roc:{detector}"], aurocs)
+            plot_roc_curves(self.id_scores(detector), ood, title, paths[f"roc:{detector}"], aurocs,
+                            tpr=tpr, positive=positive)
             paths[f"histogram:{detector}"] = out / f"{stem}_histogram.png"
             plot_score_histograms(self.id_scores(detector), ood, title, paths[f"histogram:{detector}"])
         return paths
+
+    def summary_grid(self, metric: str) -> tuple[list[str], torch.Tensor]:
+        """``metric`` of every detector (rows) on every OOD set, their average and the groups (columns).
+
+        Args:
+            metric: a key of :data:`METRIC_TITLES`.
+
+        Returns:
+            The column names (the OOD sets; ``"average"`` when there are several;
+            ``"<group>-OOD"`` per group of ``settings["ood_groups"]``) and a float64
+            ``(detectors, columns)`` tensor of fractions, NaN where a value is missing.
+        """
+        groups = self.group_summary()
+        sets = [*self.ood_sets, *([AVERAGE] if len(self.ood_sets) > 1 else [])]
+        nan = float("nan")
+        values = [[self.metrics[d].get(s, {}).get(metric, nan) for s in sets]
+                  + [groups.get(d, {}).get(g, {}).get(metric, nan) for g in self.ood_groups]
+                  for d in self.detectors]
+        return [*sets, *(f"{g}-OOD" for g in self.ood_groups)], torch.tensor(values, dtype=torch.float64)
+
+    def save_summary(self, path: str | os.PathLike) -> Path:
+        """Heat maps of FPR@TPR and AUROC, detectors x OOD sets (:meth:`summary_grid`), in %.
+
+        Needs no raw scores, so results loaded from JSON can draw it too.
+
+        Args:
+            path: the PNG to write.
+
+        Returns:
+            ``path``.
+        """
+        panels = []
+        for metric in ("fpr_at_tpr", "auroc"):
+            columns, values = self.summary_grid(metric)
+            title = self._title(metric)
+            name, better = title[:-2], "higher" if title.endswith("↑") else "lower"
+            panels.append(HeatmapPanel(f"{title} (%)", 100 * values, f"{name} in % ({better} is better)",
+                                       better == "higher"))
+        reading = "ID positive" if self.settings.get("positive", "id") == "id" else "OOD positive"
+        plot_summary(self.detectors, columns, panels, f"{self.model} on {self.benchmark} ({reading})", path,
+                     separators=[len(self.ood_sets)] if len(columns) > len(self.ood_sets) else [])
+        return Path(path)
 
     def markdown(self, command: str | None = None) -> str:
         """A self-contained markdown report: settings, the table, timings and plot links."""
@@ -302,7 +358,7 @@ class EvaluationResults:
             lines += [note.rstrip(), ""]
         lines += ["## Time", "", self.timing_table(), ""]
         if self.scored is not None:
-            lines += ["## Plots", ""]
+            lines += ["## Plots", "", "![summary](plots/summary.png)", ""]
             for detector in self.detectors:
                 stem = _file_safe(detector)
                 lines += [f"- {detector}: [ROC](plots/{stem}_roc.png), [histograms](plots/{stem}_histogram.png)"]

@@ -216,6 +216,15 @@ class TuningResult:
         return text
 
 
+#: the key of the held-out in-distribution set among the tuning sets (never an OOD set's name)
+_ID_KEY = "__id__"
+
+
+def _shown(name: str) -> str:
+    """A tuning set's name as progress bars show it: ``held-out ID`` for the in-distribution set."""
+    return "held-out ID" if name == _ID_KEY else f"held-out {name}"
+
+
 def _odin_values(
     tap: Tap, sets: Mapping[str, Iterable], space: Mapping[str, Sequence[float]], progress: bool | None
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -227,7 +236,8 @@ def _odin_values(
         def consume(outputs: Outputs, labels: torch.Tensor | None, chunks=chunks) -> None:
             chunks.append(odin_grid_scores(tap, outputs.inputs, temperatures, epsilons).cpu())
 
-        run_pass(tap, data, (), consume, gradients=True, desc=f"ODIN grid on {name}", progress=progress)
+        run_pass(tap, data, (), consume, gradients=True, desc=f"ODIN grid on {_shown(name)}",
+                 progress=progress)
         local = torch.cat(chunks, dim=2) if chunks else torch.zeros(len(temperatures), len(epsilons), 0,
                                                                      dtype=torch.float64)
         scores[name] = all_gather_rows(local.flatten(0, 1).T).T  # [grid, N] of every rank
@@ -252,10 +262,10 @@ def _generic_values(
         cached = {name: [] for name in sets}
         for name, data in sets.items():
             run_pass(tap, data, needs, lambda outputs, labels, kept=cached[name]: kept.append(outputs),
-                     desc=f"forward {name}", progress=progress)
+                     desc=f"model outputs on {_shown(name)}", progress=progress)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
     fitted_for: tuple | None = None
-    for combo in tqdm(grid, desc=f"grid {detector_name}", leave=False,
+    for combo in tqdm(grid, desc=f"{detector_name} grid", leave=False,
                       disable=None if progress is None else not progress):
         detector.set_hyperparameters(**combo)
         fit_key = tuple(combo[n] for n in fit_names)
@@ -271,8 +281,10 @@ def _generic_values(
                 local_scores = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
                 scores[name].append(all_gather_rows(local_scores))
             else:
-                scored = score_sets(tap, [detector], {name: data}, labels=["score"], with_predictions=False)
-                scores[name].append(scored.scores["score"][name])
+                shown = _shown(name)  # the bar reads "odin: score held-out ID"
+                scored = score_sets(tap, [detector], {shown: data}, labels=["score"], with_predictions=False,
+                                    progress=progress, desc=f"{detector_name}: score")
+                scores[name].append(scored.scores["score"][shown])
     return grid, {name: torch.stack(per_combo) for name, per_combo in scores.items()}
 
 
@@ -313,12 +325,14 @@ def grid_search(
         raise ValueError(f"detector {detector!r} declares no search space; pass space={{name: values}}")
     tap = Tap(model)
     started = time.perf_counter()
-    sets = {"__id__": id_data, **ood_data}
+    if _ID_KEY in ood_data:
+        raise ValueError(f"an OOD set may not be called {_ID_KEY!r}")
+    sets = {_ID_KEY: id_data, **ood_data}
     if detector == "odin" and set(space) == {"temperature", "epsilon"} and not fixed:
         grid, scores = _odin_values(tap, sets, space, progress)
     else:
         grid, scores = _generic_values(tap, detector, sets, space, fit_data, fixed or {}, progress)
-    id_scores = scores.pop("__id__")
+    id_scores = scores.pop(_ID_KEY)
     values = {name: [_criterion(id_scores[i], ood[i], criterion, tpr) for i in range(len(grid))]
               for name, ood in scores.items()}
     return TuningResult(detector, grid, criterion, values, seconds=time.perf_counter() - started)

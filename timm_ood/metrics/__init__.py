@@ -1,7 +1,7 @@
 """OOD detection metrics: torchmetrics classes over one exact functional core.
 
 Scores are higher for more out-of-distribution inputs; ``is_ood`` is 1 for OOD
-and 0 for in-distribution samples. Definitions: ``methods/metrics.md``. The
+and 0 for in-distribution samples. Definitions: ``docs/metrics.md``. The
 default reading has the in-distribution class positive (ODIN, Lee et al.);
 ``positive="ood"`` gives the OpenOOD / pytorch-ood reading.
 

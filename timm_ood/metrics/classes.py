@@ -4,7 +4,7 @@ Every metric keeps the raw ``scores`` and ``is_ood`` labels in two list states
 (``dist_reduce_fx="cat"``, the same names in every class, so torchmetrics
 compute groups share them) and, at ``compute()``, builds one
 :class:`~timm_ood.metrics.functional.OODCurve` from a single sort. Definitions
-and readings: ``methods/metrics.md`` and :mod:`timm_ood.metrics.functional`.
+and readings: ``docs/metrics.md`` and :mod:`timm_ood.metrics.functional`.
 
 Scores never go through torchmetrics' ``Binary*`` metrics: those apply a
 sigmoid to predictions outside [0, 1], decided per batch, which corrupts raw
@@ -168,7 +168,7 @@ class _OODScoreMetric(Metric):
 class AUROC(_OODScoreMetric):
     """Area under the ROC curve: P(OOD score > ID score), ties counted 1/2.
 
-    The same number in both readings (metrics.md "AUROC"; ODIN Sec. 4.3; Lee
+    The same number in both readings (docs/metrics.md "AUROC"; ODIN Sec. 4.3; Lee
     et al. App. B). Equals ``sklearn.metrics.roc_auc_score(is_ood, scores)``.
 
     Example:
@@ -275,7 +275,7 @@ class DetectionError(_OODScoreMetric):
 class DetectionAccuracy(_OODScoreMetric):
     """Detection accuracy: max over thresholds of 0.5 (TPR + 1 - FPR).
 
-    Lee et al. App. B and IsoMax (metrics.md); the same in both readings.
+    Lee et al. App. B and IsoMax (docs/metrics.md); the same in both readings.
     """
 
     higher_is_better: ClassVar[bool] = True
@@ -300,7 +300,7 @@ class AUPRIn(_PRAreaMetric):
 
     ``method="trapezoid"`` is scikit-learn's ``auc(recall, precision)`` over
     ``precision_recall_curve`` (what OpenOOD and pytorch-ood report);
-    ``method="ap"`` is ``average_precision_score`` (metrics.md "AUPR-In";
+    ``method="ap"`` is ``average_precision_score`` (docs/metrics.md "AUPR-In";
     ODIN Sec. 4.3; Lee et al. App. B).
 
     Args:

@@ -2,7 +2,7 @@
 
 Every metric is derived from one :class:`OODCurve`, built from a single sort of
 the scores with tied scores grouped, so that all samples with one score value
-share one decision. The definitions are those of ``methods/metrics.md``:
+share one decision. The definitions are those of ``docs/metrics.md``:
 
 * ``scores`` are floats, higher = more out-of-distribution; ``is_ood`` is 1 (or
   ``True``) for OOD and 0 for in-distribution (ID) samples. Inputs of any shape
@@ -456,7 +456,7 @@ def auroc(scores: Tensor, is_ood: Tensor) -> Tensor:
 
     Equal to the trapezoid area under the tie-grouped ROC curve and to
     ``sklearn.metrics.roc_auc_score(is_ood, scores)``; the same number in both
-    readings (metrics.md, "AUROC"; ODIN Sec. 4.3).
+    readings (docs/metrics.md, "AUROC"; ODIN Sec. 4.3).
 
     Args:
         scores: OOD scores of any shape, higher = more OOD.
@@ -477,7 +477,7 @@ def fpr_at_tpr(
 ) -> Tensor:
     """False positive rate at the first threshold whose TPR reaches ``tpr``.
 
-    ``positive="id"`` (metrics.md "FPR@95TPR"; ODIN Sec. 4.3): t* is the
+    ``positive="id"`` (docs/metrics.md "FPR@95TPR"; ODIN Sec. 4.3): t* is the
     smallest score value with TPR(t*) >= ``tpr``, where TPR(t) is the fraction
     of ID samples with score <= t; returns the fraction of OOD samples with
     score <= t* (OOD accepted as ID). ``positive="ood"`` (OpenOOD /
@@ -532,7 +532,7 @@ def detection_error(
 ) -> Tensor:
     """Detection error Pe = 0.5 (1 - TPR) + 0.5 FPR, with equal class priors.
 
-    ``at="tpr"`` (ODIN Sec. 4.3, metrics.md): at the threshold t* of
+    ``at="tpr"`` (ODIN Sec. 4.3, docs/metrics.md): at the threshold t* of
     :func:`fpr_at_tpr` for ``tpr`` and ``positive``, using the TPR actually
     reached there. ``at="min"`` (ODIN's released code): the minimum over all
     thresholds including both extremes; it equals ``1 - detection_accuracy``
@@ -559,7 +559,7 @@ def detection_error(
 def detection_accuracy(scores: Tensor, is_ood: Tensor) -> Tensor:
     """Detection accuracy: max over thresholds t of 0.5 (TPR(t) + 1 - FPR(t)).
 
-    Lee et al. App. B and IsoMax (metrics.md): the best accuracy of a threshold
+    Lee et al. App. B and IsoMax (docs/metrics.md): the best accuracy of a threshold
     with equal class priors, ``(1 + J) / 2`` for the maximal Youden index J;
     the same in both readings.
 
@@ -583,7 +583,7 @@ def aupr_in(scores: Tensor, is_ood: Tensor, method: PRMethod = "trapezoid") -> T
     ``sklearn.metrics.auc(recall, precision)`` over
     ``precision_recall_curve(1 - is_ood, -scores)``, including its appended
     (recall 0, precision 1) point; ``method="ap"`` is
-    ``average_precision_score(1 - is_ood, -scores)`` (metrics.md "AUPR-In";
+    ``average_precision_score(1 - is_ood, -scores)`` (docs/metrics.md "AUPR-In";
     ODIN Sec. 4.3; Lee et al. App. B).
 
     Args:
@@ -605,7 +605,7 @@ def aupr_out(scores: Tensor, is_ood: Tensor, method: PRMethod = "trapezoid") -> 
     """Area under the precision-recall curve with OOD positive, ranked by score.
 
     As :func:`aupr_in`, over ``precision_recall_curve(is_ood, scores)``
-    (metrics.md "AUPR-Out").
+    (docs/metrics.md "AUPR-Out").
 
     Args:
         scores: OOD scores of any shape, higher = more OOD.

@@ -9,7 +9,14 @@
     training.replace_head(model, "isomax")                        # IsoMax prototypes
     training.fit(model, train_data, loss=training.IsoMaxLoss(entropic_scale=10.0), epochs=5)
     training.fit(model, train_data, loss=training.ConfidenceLoss(beta=1.0), outliers=aux_data, epochs=5)
+    training.fit(model, train_data, loss=training.GRegObjective(),                     # GReg+
+                 outliers=training.EnergyClusterSampler(aux_data), epochs=5)
     training.fit_joint_confidence(model, train_data, beta=1.0, epochs=5)   # Lee et al., Algorithm 1
+
+Wherever data is taken (``train_data``, ``outliers``, ``eval_data``, the
+sampler's candidates) it may be a Hugging Face dataset with ``image`` (and, for
+in-distribution data, ``label``) columns, read with the model's own data config,
+a DataLoader, or any iterable of ``(images, labels)`` batches.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from .losses import (
     kl_to_uniform,
 )
 from .objectives import Objective, OutlierObjective, SupervisedObjective, as_objective
-from .outliers import CyclingOutliers, OutlierSource, as_outlier_source
+from .outliers import CyclingOutliers, OutlierSource, as_outlier_source, outlier_batches
 from .sigmoid_heads import (
     BINCHead,
     BINCLoss,
@@ -97,6 +104,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "mmce_weighted",
+    "outlier_batches",
     "random_crop_flip",
     "read_checkpoint_metadata",
     "replace_head",

@@ -64,12 +64,37 @@ def save_checkpoint(
     save_model(model, os.fspath(path), metadata=strings)
 
 
+#: what a checkpoint is, for the errors about files that are not one
+_WHAT_A_CHECKPOINT_IS = (
+    "a checkpoint is the .safetensors file `timm-ood train --out FILE` (or timm_ood.training.save_checkpoint) "
+    "writes; for a plain timm state dict pass --model NAME --weights FILE (weights=FILE in Python)"
+)
+
+
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The architecture, create kwargs, data config, replaced head (or None) and extra metadata of a checkpoint."""
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
+    """The architecture, create kwargs, data config, replaced head (or None) and extra metadata of a checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a safetensors file (a ``.pth`` pickle, a
+            folder, text...), or a safetensors file without timm-ood's metadata
+            (a plain state dict); the message names the file and what a
+            checkpoint is.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise ValueError(f"{name!r} is a folder, not a checkpoint file; {_WHAT_A_CHECKPOINT_IS}")
+    try:
+        with safe_open(name, framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors' SafetensorError ("header too large"...) and OS errors
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{name!r} is not a safetensors checkpoint ({reason}); {_WHAT_A_CHECKPOINT_IS}") from error
     if "timm_ood.architecture" not in raw:
-        raise ValueError(f"{os.fspath(path)!r} is not a timm-ood checkpoint (no 'timm_ood.architecture' metadata)")
+        raise ValueError(f"{name!r} is a safetensors file without timm-ood's metadata (no 'timm_ood.architecture'), "
+                         f"not a timm-ood checkpoint; {_WHAT_A_CHECKPOINT_IS}")
     return {
         "architecture": raw["timm_ood.architecture"],
         "create_kwargs": json.loads(raw.get("timm_ood.create_kwargs", "{}")),

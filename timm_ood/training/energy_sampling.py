@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +148,11 @@ class EnergyClusterSampler:
     training step.
 
     Args:
-        candidates: the auxiliary set, as an iterable of image batches (cycled)
-            or an ``OutlierSource``.
+        candidates: the auxiliary set (cycled): a DataLoader or iterable of
+            batches, a Hugging Face dataset with an ``image`` column (loaded on
+            the first step with that step's model's data config, in batches of the
+            ID batch size, reshuffled with ``seed`` on every pass; see
+            :func:`~timm_ood.training.outliers.outlier_batches`), or an ``OutlierSource``.
         pool_ratio: candidates per ID image per step (>= 2, so 2B picks exist).
         kmeans_iterations: Lloyd rounds at most.
         embed_batch_size: candidates embedded per forward.
@@ -160,14 +164,14 @@ class EnergyClusterSampler:
             ``forward_features`` / ``forward_head(pre_logits=True)``.
     """
 
-    def __init__(self, candidates: Iterable | OutlierSource, *, pool_ratio: float = 6.0, kmeans_iterations: int = 10,
+    def __init__(self, candidates: Iterable | OutlierSource | Any, *, pool_ratio: float = 6.0, kmeans_iterations: int = 10,
                  embed_batch_size: int = 512, seed: int = 0) -> None:
         if not pool_ratio >= 2:
             raise ValueError(f"pool_ratio must be >= 2 (each step keeps 2 outliers per ID image), got {pool_ratio!r}")
         if kmeans_iterations < 1 or embed_batch_size < 1:
             raise ValueError(f"kmeans_iterations and embed_batch_size must be >= 1, got {kmeans_iterations} and "
                              f"{embed_batch_size}")
-        self.candidates = as_outlier_source(candidates)
+        self.candidates = as_outlier_source(candidates, seed=seed)
         self.pool_ratio, self.kmeans_iterations, self.embed_batch_size = pool_ratio, kmeans_iterations, embed_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.timings = SamplingTimings()

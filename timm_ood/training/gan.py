@@ -376,7 +376,7 @@ def fit_joint_confidence(
     batch_size: int = 128,
     augment: bool = False,
     seed: int = 0,
-    eval_data: Iterable | None = None,
+    eval_data: Iterable | Any | None = None,
     max_grad_norm: float | None = None,
     progress: bool | None = None,
 ) -> JointConfidenceRun:
@@ -393,7 +393,8 @@ def fit_joint_confidence(
     Args:
         model: a timm model (any ``nn.Module`` returning logits that
             ``model_info.data_config`` can read for the GAN's input size).
-        train_data: ``(images, labels)`` batches or a Hugging Face ``Dataset`` (as for ``fit``).
+        train_data: a DataLoader / iterable of ``(images, labels)`` batches or a Hugging Face ``Dataset``,
+            loaded with the model's data config (as for ``fit``).
         beta: β of Eq. 4, in the G and the classifier steps.
         epochs: passes over ``train_data``; each batch runs the three updates.
         generator_loss: ``"paper"`` (``log(1 - D(G(z)))``) or ``"non-saturating"``.
@@ -404,11 +405,11 @@ def fit_joint_confidence(
         schedule: ``"step"`` (x0.1 at ``milestones``), ``"cosine"`` or ``"constant"``, for all three.
         milestones: fractions of training where ``"step"`` divides the rates by 10.
         warmup_epochs: linear warm-up of all three rates.
-        batch_size: used when ``train_data`` is a ``Dataset``.
+        batch_size: images per batch when ``train_data`` is a ``Dataset``.
         augment: random shifts and flips of the ID batch (as ``fit``).
         seed: seeds the default G and D's initialisation, shuffling, augmentation and z (the
             classifier's weights come from when it was created, as in ``fit``).
-        eval_data: labelled batches to report accuracy on after each epoch.
+        eval_data: labelled batches or a Hugging Face dataset to report accuracy on after each epoch.
         max_grad_norm: clip each step's gradient norm.
         progress: tqdm bars (default: on a terminal).
 

@@ -29,7 +29,7 @@ from ..tap import inspect_head
 from . import _distributed
 from .augment import random_crop_flip
 from .objectives import as_objective
-from .outliers import OutlierSource, as_outlier_source
+from .outliers import OutlierSource, as_outlier_source, is_hf_dataset, outlier_batches
 
 __all__ = ["EpochRecord", "TrainingHistory", "accuracy", "fit", "make_optimizer", "make_schedule"]
 
@@ -106,12 +106,20 @@ def make_schedule(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Iterable) -> float:
+def accuracy(model: nn.Module, data: Iterable | Any) -> float:
     """Top-1 accuracy of ``model`` over labelled batches (in eval mode).
+
+    ``data`` is a DataLoader, an iterable of ``(images, labels)`` batches, or a
+    Hugging Face dataset with ``image`` and ``label`` columns (read with the
+    model's data config, :func:`timm_ood.data.as_batches`).
 
     Under torch.distributed each rank reads its part of ``data``
     (:func:`timm_ood.passes.shard`) and the counts are summed: every rank returns the whole data's accuracy.
     """
+    if is_hf_dataset(data):
+        from ..data import as_batches
+
+        data = as_batches(data, model)
     device = model_device(model)
     correct = total = 0
     with eval_mode(model):
@@ -129,15 +137,19 @@ def accuracy(model: nn.Module, data: Iterable) -> float:
 
 def _train_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int) -> Iterable:
     """Hugging Face datasets become a shuffled loader for the model; anything else is used as given."""
-    try:
-        from datasets import Dataset
-    except ImportError:  # pragma: no cover - datasets is a dependency
+    if not is_hf_dataset(train_data):
         return train_data
-    if isinstance(train_data, Dataset):
-        from ..data import make_loader
+    from datasets import IterableDataset
 
-        return make_loader(train_data, model, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
-    return train_data
+    from ..data import make_loader
+
+    if isinstance(train_data, IterableDataset):
+        raise TypeError(
+            "train_data is a streamed IterableDataset, whose length is unknown: training needs its batches per "
+            "epoch to schedule the learning rate. Pass a map-style Dataset (load_dataset(..., streaming=False)), "
+            "or a DataLoader or list of batches that has a length"
+        )
+    return make_loader(train_data, model, batch_size=batch_size, shuffle=True, seed=seed, drop_last=True)
 
 
 def _scheduled_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int) -> tuple[Iterable, int]:
@@ -176,7 +188,7 @@ def fit(
     train_data: Any,
     *,
     loss: nn.Module | None = None,
-    outliers: Iterable | OutlierSource | None = None,
+    outliers: Iterable | OutlierSource | Any | None = None,
     epochs: int = 1,
     optimizer: str = "sgd",
     lr: float | None = None,
@@ -187,7 +199,7 @@ def fit(
     batch_size: int = 128,
     augment: bool = False,
     seed: int = 0,
-    eval_data: Iterable | None = None,
+    eval_data: Iterable | Any | None = None,
     max_grad_norm: float | None = None,
     progress: bool | None = None,
 ) -> TrainingHistory:
@@ -201,8 +213,13 @@ def fit(
         loss: ``loss(logits, targets)``, or with ``outliers``
             ``loss(logits_in, targets, logits_out)``, or an ``Objective``;
             default cross-entropy.
-        outliers: auxiliary outlier batches (cycled, one per step) or an
-            ``OutlierSource`` that picks them with the current model.
+        outliers: auxiliary outliers, one batch per step, cycled: a DataLoader or
+            iterable of batches (``(images, labels)`` or images), a Hugging Face
+            dataset with an ``image`` column (its ``label``, if any, is ignored;
+            loaded for the model in batches of ``batch_size``, a map-style one
+            reshuffled on every pass, see :func:`~timm_ood.training.outliers.outlier_batches`),
+            or an ``OutlierSource`` that picks them with the current model
+            (:class:`~timm_ood.training.EnergyClusterSampler`).
         epochs: passes over ``train_data``.
         optimizer: ``"sgd"`` (Nesterov momentum), ``"adamw"`` or ``"adam"``.
         lr: peak learning rate (default 0.1 for SGD, 1e-3 for Adam/AdamW).
@@ -210,12 +227,12 @@ def fit(
         momentum: SGD momentum.
         schedule: ``"cosine"`` (per step, to 0), ``"step"`` (x0.1 at 50%/75%) or ``"constant"``.
         warmup_epochs: linear warm-up length in epochs.
-        batch_size: used when ``train_data`` is a ``Dataset``.
+        batch_size: images per batch of a Hugging Face dataset given as ``train_data`` or ``outliers``.
         augment: random 2-pixel shifts and horizontal flips of the ID batch.
         seed: seeds the global generator for the run (dropout, drop-path), shuffling and
             augmentation. The model's initial weights come from when it was created: seed
             ``torch.manual_seed`` before ``timm.create_model`` to make them reproducible.
-        eval_data: labelled batches to report accuracy on after each epoch.
+        eval_data: labelled batches or a Hugging Face dataset to report accuracy on after each epoch.
         max_grad_norm: clip the gradient norm (off by default).
         progress: tqdm bars (default: on a terminal; only on rank 0 under torch.distributed).
 
@@ -256,8 +273,11 @@ def fit(
     objective = as_objective(loss, with_outliers=outliers is not None).to(device)
     if objective.uses_outliers and outliers is None:
         raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
-    if outliers is not None and world_size > 1 and not isinstance(outliers, OutlierSource):
-        outliers = _distributed.shard_outliers(outliers)
+    if outliers is not None and not isinstance(outliers, OutlierSource):
+        # seeded apart from the ID shuffling: equally long sets would otherwise pair the same images every epoch
+        outliers = outlier_batches(outliers, model, batch_size=batch_size, seed=seed + 1)
+        if world_size > 1:
+            outliers = _distributed.shard_outliers(outliers)
     outlier_source = None if outliers is None else as_outlier_source(outliers)
     loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
     if world_size > 1:
