@@ -156,3 +156,19 @@ def test_unlabelled_in_distribution_images_give_no_accuracy(sets) -> None:
     results = evaluate_loaders(trained("test_resnet"), ["msp"], id_data=unlabelled, ood_data=sets["ood"],
                                progress=False)
     assert results.accuracy is None
+
+
+def test_expected_calibration_error_of_the_id_predictions_by_hand(results, sets) -> None:
+    """ECE (Guo et al. Eq. 3, 15 equal-width bins) of the ID test set's top-1 predictions, via torchmetrics."""
+    model = trained("test_resnet")
+    with torch.inference_mode():
+        logits = torch.cat([model(images) for images, _ in sets["id"]]).double()
+    labels = torch.cat([labels for _, labels in sets["id"]])
+    confidences, predictions = torch.softmax(logits, dim=1).max(dim=1)
+    correct = (predictions == labels).double().numpy()
+    bins = np.minimum((confidences.numpy() * 15).astype(int), 14)
+    expected = sum(abs(correct[bins == b].mean() - confidences.numpy()[bins == b].mean()) * (bins == b).sum()
+                   for b in range(15) if (bins == b).any()) / len(bins)
+    assert results.calibration_error == pytest.approx(expected, abs=1e-9)
+    assert "ECE" in results.table()
+    assert results.to_dict()["calibration_error"] == results.calibration_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,22 @@ def test_unknown_protocol_and_criterion() -> None:
         grid_search(trained("test_resnet"), "odin", id_data=[], ood_data={}, criterion="accuracy")
     with pytest.raises(ValueError, match="protocol"):
         timm_ood.tune(trained("test_resnet"), "odin", protocol="random")
+
+
+def test_lees_detection_error_is_the_minimum_over_thresholds_and_the_tpr_variant_has_its_own_name():
+    """Lee et al. tune on min_t 0.5 (1 - TPR(t)) + 0.5 FPR(t); read at TPR 95% it would rank as FPR@95TPR."""
+    from sklearn.metrics import roc_curve
+
+    from timm_ood.evaluation.tuning import CRITERIA, _criterion
+
+    generator = torch.Generator().manual_seed(0)
+    id_scores, ood_scores = torch.randn(400, generator=generator), torch.randn(300, generator=generator) + 1.0
+    fpr_ood, tpr_ood, _ = roc_curve(np.r_[np.zeros(400), np.ones(300)], torch.cat([id_scores, ood_scores]).numpy())
+    # OOD positive: 1 - TPR_ood is the OOD accepted, FPR_ood the ID rejected; the error is symmetric in the reading
+    expected = float(np.min(0.5 * (1 - tpr_ood) + 0.5 * fpr_ood))
+    assert _criterion(id_scores, ood_scores, "detection_error", 0.95) == pytest.approx(expected, abs=1e-12)
+    at_tpr = _criterion(id_scores, ood_scores, "detection_error_at_tpr", 0.95)
+    fpr = _criterion(id_scores, ood_scores, "fpr_at_tpr", 0.95)
+    assert at_tpr >= _criterion(id_scores, ood_scores, "detection_error", 0.95)
+    assert at_tpr == pytest.approx(0.5 * (1 - 0.95) + 0.5 * fpr, abs=0.5 / 400 + 1e-12)
+    assert {"detection_error", "detection_error_at_tpr"} <= set(CRITERIA)

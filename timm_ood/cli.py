@@ -275,7 +275,8 @@ def _tune(args: argparse.Namespace) -> None:
     from timm_ood.distributed import is_main_process
     from timm_ood.evaluation import tune
 
-    result = tune(_load_model(args), args.detector, _benchmark(args), protocol=args.protocol,
+    result = tune(_load_model(args), args.detector, _benchmark(args), protocol=args.protocol, criterion=args.criterion,
+                  tpr=args.tpr,
                   batch_size=args.batch_size, max_images=args.max_images, num_workers=args.workers,
                   progress=not args.quiet and is_main_process())
     _say(result.table())
@@ -597,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--protocol", choices=("per-set", "cross-set"), default="per-set",
                         help="per-set: tune on each OOD set's held-out images; cross-set: also test each set's "
                              "choice on every other set's evaluation images")
+    tuning.add_argument("--tpr", type=_rate, default=0.95,
+                            help="the in-distribution true positive rate at which FPR@TPR and the detection error "
+                                 "are read, in (0, 1]")
+    tuning.add_argument("--criterion", choices=("fpr_at_tpr", "detection_error", "detection_error_at_tpr", "auroc"),
+                        default="fpr_at_tpr",
+                        help="what the held-out images minimise: FPR at --tpr (ODIN's), Lee et al.'s detection "
+                             "error (its minimum over all thresholds), that error at the --tpr threshold, or 1 - AUROC")
     tuning.add_argument("--out", default=None, metavar="FILE",
                         help="write the chosen hyperparameters as JSON (default: print them only)")
     common(tuning)

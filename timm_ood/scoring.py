@@ -51,6 +51,7 @@ class ScoredSets:
         scores: ``scores[detector][dataset]`` float64 CPU tensors.
         labels: class labels per dataset (-1 for OOD sets).
         predictions: argmax of the logits per dataset, when the model has logits.
+        confidences: the softmax probability of that prediction (float64), for calibration.
         seconds: scoring time per detector (its own passes included).
         forward_seconds: time of the shared forward passes.
         images: images scored per dataset.
@@ -59,6 +60,7 @@ class ScoredSets:
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     predictions: dict[str, torch.Tensor] = field(default_factory=dict)
+    confidences: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     forward_seconds: float = 0.0
     images: dict[str, int] = field(default_factory=dict)
@@ -113,6 +115,7 @@ def score_sets(
         per_detector: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
         set_labels: list[torch.Tensor] = []
         set_predictions: list[torch.Tensor] = []
+        set_confidences: list[torch.Tensor] = []
         for index, group in enumerate(g for g in groups if g):
             members = [by_label[label] for label in group]
             needs = frozenset().union(*(d.requirements.outputs for d in members))
@@ -121,7 +124,8 @@ def score_sets(
                 needs |= {Need.LOGITS}
 
             def consume(outputs: Outputs, batch_labels: torch.Tensor | None, group=group, first=first,
-                        per_detector=per_detector, set_labels=set_labels, set_predictions=set_predictions) -> None:
+                        per_detector=per_detector, set_labels=set_labels, set_predictions=set_predictions,
+                        set_confidences=set_confidences) -> None:
                 for label in group:
                     start = time.perf_counter()
                     scores = by_label[label](outputs)
@@ -132,7 +136,9 @@ def score_sets(
                 if batch_labels is not None:
                     set_labels.append(batch_labels.cpu())
                 if with_predictions:
-                    set_predictions.append(outputs.logits.argmax(dim=1).cpu())
+                    top = torch.log_softmax(outputs.logits.detach().double(), dim=1).max(dim=1)
+                    set_predictions.append(top.indices.cpu())
+                    set_confidences.append(top.values.exp().cpu())
 
             gradients = any(d.requirements.input_gradients for d in members)
             stats = run_pass(tap, data, needs, consume, gradients=gradients, modules=members,
@@ -151,6 +157,7 @@ def score_sets(
                 result.labels[set_name] = gathered
         if with_predictions:
             result.predictions[set_name] = _gathered(set_predictions, torch.long)
+            result.confidences[set_name] = _gathered(set_confidences, torch.float64)
     return result
 
 

@@ -116,6 +116,19 @@ def all_detectors(tap: Tap) -> list[Detector]:
     return made
 
 
+def _calibration_error(scored: Any, set_name: str) -> float | None:
+    """Top-1 ECE on the labelled images of a set (Lee et al.'s calibration claim); None without logits or labels."""
+    from ..metrics import expected_calibration_error
+
+    if set_name not in scored.confidences or set_name not in scored.labels:
+        return None
+    labelled = scored.labels[set_name] >= 0
+    if not bool(labelled.any()):
+        return None
+    correct = scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]
+    return float(expected_calibration_error(scored.confidences[set_name][labelled], correct))
+
+
 def _accuracy(scored: Any, set_name: str) -> float | None:
     """Top-1 accuracy on the labelled images of a set (labels >= 0); None without logits or labels."""
     if set_name not in scored.predictions or set_name not in scored.labels:
@@ -318,6 +331,7 @@ def evaluate_loaders(
         ood_sets=ood_sets,
         metrics=metrics,
         accuracy=accuracy,
+        calibration_error=_calibration_error(scored, ID_SET),
         fit_seconds=fit_seconds,
         score_seconds=scored.seconds,
         forward_seconds=scored.forward_seconds,

@@ -62,6 +62,9 @@ class EvaluationResults:
         scored: the raw scores (for plots; not saved in JSON).
         notes: extra markdown sections for the report, after the table (e.g. how this run
             compares with a reference recorded over several seeds).
+        calibration_error: top-1 expected calibration error on the labelled ID test
+            images (15 bins; :func:`timm_ood.metrics.expected_calibration_error`), None
+            without logits or labels.
     """
 
     benchmark: str
@@ -77,6 +80,7 @@ class EvaluationResults:
     scored: ScoredSets | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
     group_metrics: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict, repr=False)
+    calibration_error: float | None = None
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -103,8 +107,10 @@ class EvaluationResults:
                 rows.append([detector, name, *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
             for group, values in groups.get(detector, {}).items():
                 rows.append([detector, f"**{group}-OOD**", *(f"{100 * values[m]:.{digits}f}" for m in metrics)])
-        accuracy = "" if self.accuracy is None else f"ID accuracy: {100 * self.accuracy:.2f}%\n\n"
-        return accuracy + markdown_table(header, rows)
+        accuracy = "" if self.accuracy is None else f"ID accuracy: {100 * self.accuracy:.2f}%"
+        if accuracy and self.calibration_error is not None:
+            accuracy += f", ECE {100 * self.calibration_error:.2f}% (15 bins)"
+        return (accuracy + "\n\n" if accuracy else "") + markdown_table(header, rows)
 
     @property
     def ood_groups(self) -> dict[str, list[str]]:
@@ -206,6 +212,7 @@ class EvaluationResults:
             "detectors": self.detectors,
             "ood_sets": self.ood_sets,
             "accuracy": self.accuracy,
+            "calibration_error": self.calibration_error,
             "metrics": self.metrics,
             "fit_seconds": self.fit_seconds,
             "score_seconds": self.score_seconds,
@@ -374,7 +381,7 @@ class EvaluationResults:
             ood_sets=data["ood_sets"], metrics=data["metrics"], accuracy=data["accuracy"],
             fit_seconds=data["fit_seconds"], score_seconds=data["score_seconds"],
             forward_seconds=data["forward_seconds"], settings=data["settings"],
-            group_metrics=data.get("groups", {}),
+            group_metrics=data.get("groups", {}), calibration_error=data.get("calibration_error"),
         )
 
 

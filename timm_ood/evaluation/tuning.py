@@ -43,7 +43,7 @@ from ..detectors.odin import odin_scores
 from ..detectors.perturbation import signed_step
 from ..distributed import all_gather_rows
 from ..fitting import fit_detectors
-from ..metrics import fpr_at_tpr, ood_metrics
+from ..metrics import auroc, detection_error, fpr_at_tpr
 from ..model import OODModel
 from ..passes import run_pass
 from ..scoring import score_sets
@@ -52,7 +52,10 @@ from .results import markdown_table
 
 __all__ = ["TuningResult", "grid_search", "naive_odin_grid_scores", "odin_grid_scores", "tune"]
 
-CRITERIA = ("fpr_at_tpr", "detection_error", "auroc")
+#: what tuning minimises on the holdouts: FPR at the TPR (ODIN's), Lee et al.'s detection error (the minimum
+#: over all thresholds of 0.5 (1 - TPR) + 0.5 FPR), the same error read at the TPR threshold (which ranks
+#: hyperparameters as FPR@TPR does), or 1 - AUROC
+CRITERIA = ("fpr_at_tpr", "detection_error", "detection_error_at_tpr", "auroc")
 
 
 def odin_grid_scores(
@@ -157,8 +160,11 @@ def _criterion(scores_id: torch.Tensor, scores_ood: torch.Tensor, criterion: str
     scores = torch.cat([scores_id, scores_ood])
     if criterion == "fpr_at_tpr":
         return float(fpr_at_tpr(scores, is_ood, tpr=tpr))
-    values = ood_metrics(scores, is_ood, tpr=tpr)
-    return float(values[criterion]) if criterion != "auroc" else 1.0 - float(values["auroc"])
+    if criterion == "detection_error":  # Lee et al. (ICLR 2018, Sec. 4): the minimum over all thresholds
+        return float(detection_error(scores, is_ood, at="min"))
+    if criterion == "detection_error_at_tpr":  # ODIN's Pe, read at the TPR threshold t*
+        return float(detection_error(scores, is_ood, at="tpr", tpr=tpr))
+    return 1.0 - float(auroc(scores, is_ood))
 
 
 @dataclass
@@ -313,7 +319,9 @@ def grid_search(
         fit_data: in-distribution training batches for detectors that fit;
             refit only when a fit hyperparameter changes.
         criterion: ``"fpr_at_tpr"`` (ODIN's), ``"detection_error"`` (Lee et
-            al.'s) or ``"auroc"``.
+            al.'s: the minimum over all thresholds of ``0.5 (1 - TPR) + 0.5 FPR``),
+            ``"detection_error_at_tpr"`` (that error at the TPR threshold, which
+            ranks the grid exactly as ``"fpr_at_tpr"`` does) or ``"auroc"``.
         tpr: the TPR of the criterion.
         fixed: hyperparameters held fixed.
     """
@@ -363,7 +371,8 @@ def tune(
             ``"cross-set"`` (also test each set's choice on every other set's
             evaluation images).
         space: the grid (default the detector's ``search_space``).
-        criterion: what the holdout minimises (default FPR@95TPR, as ODIN).
+        criterion: what the holdout minimises, one of :data:`CRITERIA` (default
+            FPR@95TPR, as ODIN; ``"detection_error"`` is Lee et al.'s minimum over thresholds).
         tpr: the TPR of the criterion.
         batch_size: images per batch.
         ood_sets: restrict to these OOD sets.

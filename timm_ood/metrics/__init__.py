@@ -13,6 +13,7 @@ variants reuse one :class:`OODCurve`.
 
 from typing import TYPE_CHECKING, Any
 
+from .calibration import expected_calibration_error
 from .functional import (
     OOD_METRIC_KEYS,
     DetectionErrorAt,
@@ -87,6 +88,7 @@ __all__ = [
     "detection_accuracy_from_curve",
     "detection_error",
     "detection_error_from_curve",
+    "expected_calibration_error",
     "fpr_at_tpr",
     "fpr_at_tpr_from_curve",
     "ood_metrics",
