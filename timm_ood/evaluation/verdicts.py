@@ -55,12 +55,16 @@ class Verdict:
     @property
     def reason(self) -> str:
         """One line: the interval and what it says."""
+        return self.explain()
+
+    def explain(self, scale: float = 1.0, unit: str = "") -> str:
+        """The interval and what it says, its values times ``scale`` (100 and ``" points"`` for percentages)."""
         if len(self.seeds) < 2:
             return f"only {len(self.seeds)} paired seed(s): no spread to judge against"
-        low, high = self.mean_difference - self.half_width, self.mean_difference + self.half_width
+        low, high = (scale * (self.mean_difference + sign * self.half_width) for sign in (-1, 1))
         where = {"held": "above 0", "not held": "below 0", "inconclusive": "contains 0"}[self.outcome]
-        return (f"difference {self.mean_difference:+.4g}, 95% interval [{low:+.4g}, {high:+.4g}] over "
-                f"{len(self.seeds)} seeds: {where}")
+        return (f"difference {scale * self.mean_difference:+.3g}{unit}, 95% interval [{low:+.3g}, {high:+.3g}] "
+                f"over {len(self.seeds)} seeds: {where}")
 
 
 def _t_quantile(probability: float, degrees_of_freedom: int) -> float:
