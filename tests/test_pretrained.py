@@ -274,3 +274,24 @@ def test_no_pickle() -> None:
     for module in (timm_ood.pretrained, timm_ood.serialization):
         source = Path(module.__file__).read_text()
         assert "torch.load" not in source and "import pickle" not in source
+
+
+def test_push_to_hub_without_a_login_says_how_to_log_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    # the HTTP client huggingface_hub is built on: httpx2 in 2.x, httpx in 1.x
+    httpx = next(importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m))
+
+    def create_repo(self, repo_id, **kwargs):
+        response = httpx.Response(401, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    ood, _ = fitted(tmp_path)
+    with pytest.raises(PermissionError, match=r"HTTP 401.*hf auth login"):
+        ood.push_to_hub("my-org/x")

@@ -432,6 +432,7 @@ def push_to_hub(
 
     Raises:
         HubUnavailableError: offline (``HF_HUB_OFFLINE=1``) or the Hub cannot be reached.
+        PermissionError: not logged in, or the token cannot write to ``repo_id``.
     """
     if _offline():
         raise HubUnavailableError(
@@ -439,6 +440,7 @@ def push_to_hub(
             "HF_HUB_OFFLINE on a machine with network access, or write the folder with save_pretrained and upload "
             "it later (huggingface-cli upload)")
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
     with tempfile.TemporaryDirectory(prefix="timm-ood-") as folder:
@@ -454,6 +456,13 @@ def push_to_hub(
             raise HubUnavailableError(
                 f"cannot push to {repo_id!r}: the Hugging Face Hub cannot be reached ({type(error).__name__}); "
                 "check the network, or write the folder with save_pretrained and upload it later") from error
+        except HfHubHTTPError as error:
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status not in (401, 403):
+                raise
+            raise PermissionError(
+                f"cannot push to {repo_id!r}: the Hub refused this login (HTTP {status}); log in with "
+                "`hf auth login` (or pass token= / set HF_TOKEN) with a token that can write to it") from error
     return str(getattr(info, "commit_url", info))
 
 
