@@ -84,7 +84,7 @@ class Parts:
 
     @classmethod
     def of(cls, model: nn.Module) -> Parts:
-        from timm_ood.model_info import normalization
+        from timm_ood.model_info import normalisation
 
         def encoder(x: torch.Tensor) -> torch.Tensor:
             return model.forward_head(model.forward_features(x), pre_logits=True)
@@ -92,7 +92,7 @@ class Parts:
         stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
         stages = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
         return cls(model, encoder, model.get_classifier(), model.forward_features, model.forward_head, stages,
-                   normalization(model)[1].tolist())
+                   normalisation(model)[1].tolist())
 
     def as_maps(self) -> tuple[Callable, Callable]:
         """``(backbone, head)`` over the pre-logits as [B, D, 1, 1] maps, for detectors that want 4-d maps."""

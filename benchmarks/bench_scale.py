@@ -128,7 +128,7 @@ FLOOR_OPS = {
 #: Detectors that fit or score in memory that grows beyond the machine at this size, and why.
 UNBOUNDED = {
     "gmm (covariance='full')": "per-class covariances K x D x D: 1000 * 2048^2 * 8 bytes = 33.5 GB of float64 "
-                               "moments during the fit (gaussian.py, _PerClassSecondMoments), the same as state",
+                               "moments during the fit (mahalanobis.py, ClassStatistics(per_class=True)), the same as state",
 }
 
 

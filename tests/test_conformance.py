@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import pkgutil
 import re
 import sys
 import textwrap
@@ -368,8 +369,8 @@ BROKEN = [
     (NonJsonHyperparameter, "check_hyperparameters_are_json", r"not JSON-serialisable"),
     (VariadicInit, "check_init_stores_hyperparameters", r"takes \*options.*explicit keyword argument"),
     (UnstoredHyperparameter, "check_init_stores_hyperparameters", r"'k' is not stored as an attribute.*self\.k = k"),
-    (InvalidName, "check_name", r"'Broken Name' is not valid"),
-    (TakenName, "check_name", r"'msp' is already registered by plugin .* from timm-ood .*choose a name"),
+    (InvalidName, "check_name_is_valid_and_unique", r"'Broken Name' is not valid"),
+    (TakenName, "check_name_is_valid_and_unique", r"'msp' is already registered by plugin .* from timm-ood .*choose a name"),
     (UnknownSearchSpace, "check_declarations", r"search_space names \['no_such_hyperparameter'\]"),
     (UndeclaredGradients, "check_score_shape_and_dtype", r"raised RuntimeError.*input_gradients=True"),
 ]
@@ -429,7 +430,7 @@ def test_checks_are_selected_from_the_declared_requirements() -> None:
 
 def test_checks_name_the_detector_and_its_hyperparameters() -> None:
     checks = list(detector_checks("odin", hyperparameters={"temperature": 10.0, "epsilon": 0.0014}))
-    assert str(checks[0]) == "odin(temperature=10.0)-check_name"
+    assert str(checks[0]) == "odin(temperature=10.0)-check_name_is_valid_and_unique"
     assert checks[0].description == "The name is valid and, when registered, resolves to this class."
     instance = timm_ood.create_detector("odin", temperature=10.0)
     assert [str(c) for c in detector_checks(instance)] == [str(c) for c in checks]
@@ -441,7 +442,7 @@ def test_skip_removes_checks_and_rejects_unknown_names() -> None:
     ran = check_detector("energy", skip={"check_higher_is_more_ood": "a reason", "check_deterministic": "another"})
     assert "check_higher_is_more_ood" not in ran and "check_deterministic" not in ran
     assert "check_batch_size_invariance" in ran
-    with pytest.raises(ValueError, match=r"check_higher_is_more_odd.*check_name"):
+    with pytest.raises(ValueError, match=r"check_higher_is_more_odd.*check_name_is_valid_and_unique"):
         check_detector("energy", skip={"check_higher_is_more_odd": "typo"})
 
 
@@ -450,7 +451,7 @@ def test_parametrize_marks_skipped_checks_with_the_reason() -> None:
     assert mark.args[0] == "check"
     params = {param.id: param for param in mark.args[1]}
     assert params["msp-check_deterministic"].marks[0].kwargs["reason"] == "because"
-    assert not params["msp-check_name"].marks
+    assert not params["msp-check_name_is_valid_and_unique"].marks
 
 
 def test_a_model_of_ones_own_can_be_checked() -> None:
@@ -463,23 +464,28 @@ def test_a_model_of_ones_own_can_be_checked() -> None:
 def test_the_device_check_moves_the_state_and_the_scores() -> None:
     """``check_follows_cuda`` runs only with a GPU; its device path, exercised on the CPU."""
     model = timm_ood.testing.conformance_model()
-    subject = timm_ood.testing._Subject(FeatureDistance, {}, model)
-    timm_ood.testing._check_follows(subject, {"device": "cpu"}, "'cpu'")
+    subject = timm_ood.testing._helpers._Subject(FeatureDistance, {}, model)
+    timm_ood.testing.checks._check_follows(subject, {"device": "cpu"}, "'cpu'")
 
 
 def test_the_conformance_model_is_seeded_and_leaves_the_callers_generator_alone() -> None:
     state = torch.random.get_rng_state()
-    retrained = timm_ood.testing._trained_state.__wrapped__("test_vit")
+    retrained = timm_ood.testing.task._trained_state.__wrapped__("test_vit")
     assert torch.equal(torch.random.get_rng_state(), state)
     cached = timm_ood.testing.conformance_model("test_vit").state_dict()
     assert all(torch.equal(retrained[name], cached[name]) for name in retrained)
 
 
 def test_the_kit_does_not_import_pytest_at_module_level() -> None:
-    tree = ast.parse(inspect.getsource(timm_ood.testing))
-    imported = {alias.name for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
-                for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert "pytest" not in imported
+    package = timm_ood.testing
+    modules = [package, *(importlib.import_module(f"{package.__name__}.{info.name}")
+                          for info in pkgutil.iter_modules(package.__path__))]
+    assert len(modules) > 1  # the package and its modules
+    for module in modules:
+        tree = ast.parse(inspect.getsource(module))
+        imported = {alias.name for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
+                    for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert "pytest" not in imported, module.__name__
 
 
 # -- the plugin author's guide (plugins/README.md) works as written ---------------------------------

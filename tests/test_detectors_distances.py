@@ -436,14 +436,14 @@ def test_gram_deviations_normalised_by_the_leave_one_out_expected_deviation() ->
     expected = [sum(deviation(x_values[layer][i], *bounds[layer][c]) / expected_deviation[layer] for layer in range(2))
                 for i, c in enumerate(logits_of(x).argmax(1))]
     ood = fit("gram", max_power=3)
-    np.testing.assert_allclose(ood.detector.layer_normalizers.numpy(), expected_deviation, rtol=1e-9)
+    np.testing.assert_allclose(ood.detector.layer_normalisers.numpy(), expected_deviation, rtol=1e-9)
     np.testing.assert_allclose(scores_of(ood, x), expected, rtol=1e-9)
     held_out, _ = hand_made_data(12, seed=3)
     ood.fit_held_out([(held_out,)], progress=False)
     mean_deviation = [np.mean([deviation(gram_values(m, 3)[i], *bounds[layer][c]) for i, c in
                                enumerate(logits_of(held_out).argmax(1))]) for layer, m in
                       enumerate((held_out, torch.tanh(held_out) + held_out.square()))]
-    np.testing.assert_allclose(ood.detector.layer_normalizers.numpy(), mean_deviation, rtol=1e-9)
+    np.testing.assert_allclose(ood.detector.layer_normalisers.numpy(), mean_deviation, rtol=1e-9)
 
 
 # -- on a trained model (the conformance kit's, shared with tests/test_conformance.py) ------------
@@ -476,7 +476,7 @@ def test_held_out_steps_separate_held_out_digits_from_noise() -> None:
         before = ood.detector.fitted_state()
         ood.fit_held_out([held_out[0]], [held_out[1]], progress=False)  # gram reads only the ID set
         changed = {key for key, value in ood.detector.fitted_state().items() if not torch.equal(value, before[key])}
-        assert changed == ({"layer_weights", "weights_bias"} if name == "multi-mahalanobis" else {"layer_normalizers"})
+        assert changed == ({"layer_weights", "weights_bias"} if name == "multi-mahalanobis" else {"layer_normalisers"})
         assert auroc(ood.ood_score(evaluation[0]), ood.ood_score(evaluation[1])) > 0.9, name
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 import timm_ood
 from timm_ood import IncompatibleModelError
-from timm_ood.detectors.gradient import MAHALANOBIS_EPSILON_GRID, gradnorm_scores
+from timm_ood.detectors.gradient import gradnorm_scores
+from timm_ood.detectors.mahalanobis import MAHALANOBIS_EPSILON_GRID
 from timm_ood.detectors.sampling import (
     EnsembleModel,
     SharedMaskDropout,

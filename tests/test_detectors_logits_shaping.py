@@ -176,8 +176,8 @@ def test_temperature_scaling_minimises_the_nll_of_all_the_fit_logits() -> None:
         return float((logsumexp(z, axis=1) - z[np.arange(600), labels.numpy()]).sum())
 
     best = minimize_scalar(nll, bounds=(0.05, 20), method="bounded", options={"xatol": 1e-10}).x
-    assert float(detector.temperature) == pytest.approx(best, rel=1e-5)
-    z = LOGITS.numpy() / float(detector.temperature)
+    assert float(detector.fitted_temperature) == pytest.approx(best, rel=1e-5)
+    z = LOGITS.numpy() / float(detector.fitted_temperature)
     np.testing.assert_allclose(scores(detector, LOGIT_MODEL, LOGITS),
                                logsumexp(z, axis=1) - z.max(axis=1), rtol=1e-12)
 
@@ -188,7 +188,7 @@ def test_temperature_scaling_warns_when_the_optimum_is_off_the_grid() -> None:
     for logits, temperature in ((separable, 1 / 64), (-separable, 64)):  # all wrong: T -> infinity
         with pytest.warns(RuntimeWarning, match="lies outside"):
             detector = fit(timm_ood.create_detector("temperature-scaling"), LOGIT_MODEL, [(logits, labels)])
-        assert float(detector.temperature) == temperature
+        assert float(detector.fitted_temperature) == temperature
     with pytest.raises(ValueError, match="class indices in"):
         fit(timm_ood.create_detector("temperature-scaling"), LOGIT_MODEL, [(logits, labels - 1)])
 
@@ -361,7 +361,7 @@ def resnet_with_2x2_maps() -> nn.Module:
         torch.manual_seed(0)  # the kit's seed, for the initialisation and the training
         model = timm.create_model("test_resnet", num_classes=10, in_chans=1, output_stride=16,
                                   pretrained_cfg_overlay=overlay)
-        timm_ood.testing._train(model)
+        timm_ood.testing.task._train(model)
     return model.eval()
 
 

@@ -174,6 +174,37 @@ def test_fit_joint_confidence_runs_seeded_and_records_the_gan() -> None:
         training.fit_joint_confidence(model, data, generator_loss="minimax")
 
 
+def test_fit_joint_confidence_is_fit_with_the_joint_objective() -> None:
+    images, labels = digits_split()["train"]
+    data = batches(images[:48], labels[:48], 16)
+    runs = []
+    for by_hand in (False, True):
+        torch.manual_seed(0)
+        model = create("test_resnet")
+        if by_hand:
+            objective = training.JointConfidenceObjective(beta=0.5, latent_dim=16, gan_width=8)
+            history = training.fit(model, data, loss=objective, epochs=2, optimizer="adam", lr=1e-3,
+                                   weight_decay=0.0, schedule="step", milestones=(0.6,), seed=3, progress=False)
+            generator, discriminator = objective.generator, objective.discriminator
+        else:
+            run = training.fit_joint_confidence(model, data, beta=0.5, epochs=2, latent_dim=16, gan_width=8,
+                                                lr=1e-3, seed=3, progress=False)
+            history, generator, discriminator = run.history, run.generator, run.discriminator
+        runs.append(([{**vars(e), "seconds": 0} for e in history.epochs],
+                     [_state(m) for m in (model, generator, discriminator)]))
+    assert runs[0][0] == runs[1][0]  # loss, rate and the GAN's mean objectives per epoch
+    for first, second in zip(runs[0][1], runs[1][1], strict=True):
+        assert first.keys() == second.keys() and _same(first, second)
+    # G and D are the objective's, stepped by their own optimisers on fit's schedule, never by fit's optimiser
+    assert list(objective.fit_parameters()) == [] and len(list(objective.parameters())) > 0
+    assert not generator.training and not discriminator.training
+    assert history.epochs[1].lr == pytest.approx(1e-4)  # x0.1 at 60% of training
+    for optimizer in (objective.trainer.generator_optimizer, objective.trainer.discriminator_optimizer):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match="classifier_optimizer"):
+        objective.trainer.classifier_step(images[:4], labels[:4])
+
+
 def test_classifier_step_is_the_confidence_loss_on_generated_samples() -> None:
     trainer = _trainer(beta=0.5)
     images, labels = (t[:8] for t in digits_split()["train"])

@@ -190,3 +190,16 @@ def test_isomax_entropic_beats_cross_entropy_msp_on_noise() -> None:
     baseline, isomax = _trained("ce"), _trained("isomax")
     assert training.accuracy(isomax, batches(*digits_split()["test"])) > 0.8
     assert _auroc(isomax, "entropic", ood) > _auroc(baseline, "msp", ood) + 0.2
+
+
+def test_entropic_is_entropy_under_the_isomax_papers_name():
+    """Issue 17: one computation, two registered names (the paper's and the generic one)."""
+    from timm_ood.detectors.entropic import EntropicScore
+    from timm_ood.detectors.logits import Entropy
+    from timm_ood.tap import Outputs
+
+    assert issubclass(EntropicScore, Entropy) and EntropicScore.score is Entropy.score
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)) * 5
+    outputs = Outputs(None, Tap(nn.Linear(3, 10)), logits=logits)
+    assert torch.equal(timm_ood.create_detector("entropic").score(outputs),
+                       timm_ood.create_detector("entropy").score(outputs))

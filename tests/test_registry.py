@@ -152,3 +152,31 @@ def test_unknown_name_lists_known_names_and_the_closest() -> None:
     assert "Did you mean 'energy'" in message
     assert "mahalanobis" in message and "odin" in message
     assert isinstance(error.value, KeyError)
+
+
+def test_detectors_sources_and_benchmarks_share_one_registry_helper() -> None:
+    from timm_ood import detectors
+    from timm_ood.data import benchmarks, sources
+    from timm_ood.registry import Kind
+
+    kinds = {detectors.DETECTORS: "detector", sources.SOURCES: "source", benchmarks.BENCHMARKS: "benchmark"}
+    for kind, word in kinds.items():
+        assert type(kind) is Kind and kind.word == word and kind.hook_name == f"timm_ood_{word}s"
+    assert detectors.list_detectors() == detectors.DETECTORS.names()
+    assert sources.get_source("fashion-mnist") is sources.SOURCES.get("fashion-mnist")
+    assert benchmarks.list_benchmarks("cifar*") == benchmarks.BENCHMARKS.objects("cifar*")
+    with pytest.raises(UnknownNameError, match=r"unknown benchmark 'cifar'\. Did you mean 'cifar10'"):
+        benchmarks.BENCHMARKS.get("cifar")
+
+
+def test_builtin_plugins_come_from_the_packages_declarations() -> None:
+    from timm_ood import data, detectors, registry
+
+    declared = tuple(f"timm_ood.detectors.{m}" for m in detectors.BUILTIN_PLUGINS) + tuple(
+        f"timm_ood.data.{m}" for m in data.BUILTIN_PLUGINS
+    )
+    assert registry.builtin_plugins() == declared == registry.BUILTIN_PLUGINS
+    assert declared[0] == "timm_ood.detectors.logits" and declared[-3:] == (
+        "timm_ood.data.offline", "timm_ood.data.hub_benchmarks", "timm_ood.data.openood")
+    plugins = list(registry.PluginRegistry(autoload=False).plugins())
+    assert plugins == list(declared)

@@ -83,6 +83,13 @@ def _worker(rank: int, init_file: str, results_dir: str) -> None:
         # each rank starts from other weights: fit starts every rank from rank 0's
         results["listed"] = _fit(_model("batch", seed=rank), train, outliers=outliers,
                                  loss=training.OutlierExposureLoss(), epochs=1)
+        # the joint GAN: fit's loop with G and D trained by the objective, their gradients averaged too
+        model = _model("batch", seed=rank)
+        run = training.fit_joint_confidence(model, _dataset(), epochs=1, batch_size=BATCH, latent_dim=8,
+                                            gan_width=4, generator_loss="non-saturating", progress=False)
+        results["joint"] = {"history": [{**vars(e), "seconds": 0} for e in run.history.epochs],
+                            "states": [{k: v.clone() for k, v in m.state_dict().items()}
+                                       for m in (model, run.generator, run.discriminator)]}
         images, labels = digits_split()["train"]
         unseeded = DataLoader(TensorDataset(images[:64], labels[:64]), batch_size=16, shuffle=True)
         try:
@@ -117,6 +124,14 @@ def test_replicas_end_identical(ranks: list[dict], run: str) -> None:
     for name, tensor in first["state"].items():  # BatchNorm's running statistics included
         assert torch.equal(tensor, second["state"][name]), name
     assert first["losses"] == second["losses"]  # the loss over both ranks' images
+
+
+def test_joint_gan_replicas_end_identical(ranks: list[dict]) -> None:
+    first, second = (r["joint"] for r in ranks)
+    assert first["history"] == second["history"]  # the classifier's loss and the GAN's objectives, over both ranks
+    for module, other in zip(first["states"], second["states"], strict=True):  # classifier, G, D
+        for name, tensor in module.items():
+            assert torch.equal(tensor, other[name]), name
 
 
 @pytest.mark.parametrize("run", ["batch", "group"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import IncompatibleModelError
 
-__all__ = ["data_config", "input_channels", "normalization"]
+__all__ = ["data_config", "input_channels", "normalisation"]
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
@@ -112,7 +112,7 @@ def data_config(model: nn.Module, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def normalisation(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, std)`` the model's inputs are normalised with, as float32 [C]."""
     config = data_config(model)
     return (

@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import pluggy
 
@@ -35,10 +35,12 @@ from .errors import DuplicateNameError, PluginLoadWarning, UnknownNameError
 
 __all__ = [
     "AUTOLOAD_ENV",
-    "BUILTIN_PLUGINS",
+    "BUILTIN_PACKAGES",
     "ENTRY_POINT_GROUP",
+    "Kind",
     "PluginRegistry",
     "Registration",
+    "builtin_plugins",
     "get_plugin_registry",
     "register_plugin",
     "reload_plugins",
@@ -48,32 +50,36 @@ ENTRY_POINT_GROUP = "timm_ood"
 AUTOLOAD_ENV = "TIMM_OOD_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DISTRIBUTION = "timm-ood"
 
-#: Modules registered as plugins before any entry point; they implement the
-#: same hooks a third-party plugin does.
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "timm_ood.detectors.logits",
-    "timm_ood.detectors.odin",
-    "timm_ood.detectors.distance",
-    "timm_ood.detectors.entropic",
-    "timm_ood.data.offline",
-    "timm_ood.data.hub_benchmarks",
-    "timm_ood.data.openood",
-    "timm_ood.detectors.gradient",
-    "timm_ood.detectors.sampling",
-    "timm_ood.detectors.posterior",
-    "timm_ood.detectors.calibration",
-    "timm_ood.detectors.shaping",
-    "timm_ood.detectors.gaussian",
-    "timm_ood.detectors.neighbours",
-    "timm_ood.detectors.classifier_geometry",
-    "timm_ood.detectors.prototypes",
-    "timm_ood.detectors.gram",
-    "timm_ood.detectors.training_heads",
-)
+#: The packages that declare timm-ood's own plugins, in registration order. Each
+#: names its plugin modules, next to their code, in a ``BUILTIN_PLUGINS`` tuple
+#: (as pytest's ``default_plugins``); they implement the same hooks a
+#: third-party plugin does and are registered before any entry point.
+BUILTIN_PACKAGES: tuple[str, ...] = ("timm_ood.detectors", "timm_ood.data")
+
+
+def builtin_plugins() -> tuple[str, ...]:
+    """The built-in plugin modules, in registration order, from each package's ``BUILTIN_PLUGINS``.
+
+    Read when a registry is built, not when this module is imported: the
+    packages import this module, so importing them here would be a cycle.
+    """
+    modules: list[str] = []
+    for package_name in BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        modules.extend(f"{package_name}.{module}" for module in package.BUILTIN_PLUGINS)
+    return tuple(modules)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN_PLUGINS":  # kept for compatibility; assembled from the packages' declarations
+        return builtin_plugins()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(?:[-_.][a-z0-9]+)*$")
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ class PluginRegistry:
         self._collected: dict[str, dict[str, Registration[Any]]] = {}
         self._lock = threading.RLock()
         builtin = f"{BUILTIN_DISTRIBUTION} {_own_version()}"
-        for module_name in BUILTIN_PLUGINS:
+        for module_name in builtin_plugins():
             self.register(importlib.import_module(module_name), module_name, builtin)
         if autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
@@ -251,6 +257,78 @@ def check_name(name: object, kind: str) -> str:
             "joined by '-' (e.g. 'my-detector')"
         )
     return name
+
+
+class Kind(Generic[T]):
+    """One kind of registered object (detectors, sources, benchmarks): its hook, its word, its type.
+
+    Each package builds one and reads its registry through it, e.g.
+    ``SOURCES = Kind.of_instances("timm_ood_sources", "source", SourceSpec, "timm_ood.data.SourceSpec")``.
+    Every call reads the current process-wide registry, so it sees
+    :func:`reload_plugins` and :func:`register_plugin`.
+    """
+
+    def __init__(self, hook_name: str, word: str, is_valid: Callable[[object], bool], expected: str) -> None:
+        """
+        Args:
+            hook_name: the registration hook (``"timm_ood_detectors"``).
+            word: what the objects are, for messages (``"detector"``).
+            is_valid: whether a returned object is of this kind.
+            expected: what a valid object is, for messages (``"a subclass of timm_ood.Detector"``).
+        """
+        self.hook_name = hook_name
+        self.word = word
+        self._is_valid = is_valid
+        self._expected = expected
+
+    @classmethod
+    def of_instances(cls, hook_name: str, word: str, holds: type[U], label: str) -> Kind[U]:
+        """A kind whose plugins return instances of ``holds`` (``label``: its public name)."""
+        return Kind(hook_name, word, lambda obj: isinstance(obj, holds), f"a {label}")
+
+    @classmethod
+    def of_subclasses(cls, hook_name: str, word: str, holds: type[U], label: str) -> Kind[type[U]]:
+        """A kind whose plugins return subclasses of ``holds`` (``label``: its public name)."""
+        return Kind(
+            hook_name, word, lambda obj: isinstance(obj, type) and issubclass(obj, holds), f"a subclass of {label}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Kind({self.hook_name!r}, {self.word!r})"
+
+    def _name_of(self, obj: object) -> str:
+        if not self._is_valid(obj):
+            raise TypeError(f"{obj!r} is not {self._expected}")
+        return check_name(cast(Any, obj).name, self.word)
+
+    def registrations(self) -> dict[str, Registration[T]]:
+        """Every registered object by name, with the plugin and distribution it came from."""
+        return get_plugin_registry().collect(self.hook_name, self.word, self._name_of)
+
+    def matching(self, pattern: str | None = None) -> dict[str, Registration[T]]:
+        """The registrations whose names match a shell-style wildcard (all when None), in registration order."""
+        registrations = self.registrations()
+        return {name: registrations[name] for name in filter_names(list(registrations), pattern)}
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Registered names matching ``pattern``, in registration order."""
+        return filter_names(list(self.registrations()), pattern)
+
+    def objects(self, pattern: str | None = None) -> dict[str, T]:
+        """``{name: object}`` for the names matching ``pattern``, in registration order."""
+        return {name: registration.obj for name, registration in self.matching(pattern).items()}
+
+    def registration(self, name: str) -> Registration[T]:
+        """The registration of ``name``.
+
+        Raises:
+            UnknownNameError: no such name (the message lists the known ones and the closest).
+        """
+        return get_plugin_registry().lookup(self.registrations(), self.word, name)
+
+    def get(self, name: str) -> T:
+        """The object registered under ``name``; :class:`UnknownNameError` when there is none."""
+        return self.registration(name).obj
 
 
 _registry: PluginRegistry | None = None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IncompatibleModelError
-from .model_info import input_channels, normalization
+from .model_info import input_channels, normalisation
 
 __all__ = ["HeadInfo", "Need", "Outputs", "Tap", "fixed_input_size", "no_classifier_error"]
 
@@ -253,7 +253,7 @@ class Tap:
         [0, 1]) in the normalised space the model sees: ``eps / std``.
         """
         if self._input_std is None:
-            self._input_std = normalization(self.model)[1]
+            self._input_std = normalisation(self.model)[1]
         return self._input_std.to(device=like.device, dtype=like.dtype).view(-1, 1, 1)
 
     def check_available(self, needs: Iterable[Need], who: str) -> None:

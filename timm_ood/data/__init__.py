@@ -38,6 +38,10 @@ from .openood import OPENOOD_DIR_ENV
 from .sources import SourceSpec, get_source, list_sources, load_source, model_overlay
 from .transforms import ModelTransform
 
+#: The built-in source and benchmark modules, registered as plugins in this order,
+#: after the detectors (see :func:`timm_ood.registry.builtin_plugins`).
+BUILTIN_PLUGINS: tuple[str, ...] = ("offline", "hub_benchmarks", "openood")
+
 __all__ = [
     "CACHE_DIR_ENV",
     "DATA_DIR_ENV",

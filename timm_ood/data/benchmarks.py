@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..registry import Registration, check_name, filter_names, get_plugin_registry
+from ..registry import Kind, Registration
 from .errors import DataNotFoundError
 from .sources import get_source, load_source
 from .sources import model_overlay as source_model_overlay
@@ -37,9 +37,6 @@ __all__ = [
     "load_benchmark",
     "tuning_holdout_size",
 ]
-
-_KIND = "benchmark"
-
 
 @dataclass(frozen=True)
 class SourceRef:
@@ -162,15 +159,14 @@ class Benchmark:
         return source_model_overlay(self.spec.id_train.source)
 
 
-def _registered_name(obj: object) -> str:
-    if not isinstance(obj, BenchmarkSpec):
-        raise TypeError(f"{obj!r} is not a timm_ood.data.BenchmarkSpec")
-    return check_name(obj.name, _KIND)
+BENCHMARKS: Kind[BenchmarkSpec] = Kind.of_instances(
+    "timm_ood_benchmarks", "benchmark", BenchmarkSpec, "timm_ood.data.BenchmarkSpec"
+)
 
 
 def benchmark_registrations() -> dict[str, Registration[BenchmarkSpec]]:
     """Every registered benchmark by name, with the plugin and distribution it came from."""
-    return get_plugin_registry().collect("timm_ood_benchmarks", _KIND, _registered_name)
+    return BENCHMARKS.registrations()
 
 
 def list_benchmarks(pattern: str | None = None, *, offline: bool | None = None) -> dict[str, BenchmarkSpec]:
@@ -180,8 +176,7 @@ def list_benchmarks(pattern: str | None = None, *, offline: bool | None = None) 
         pattern: shell-style wildcard filter on names (``"cifar*"``).
         offline: keep only benchmarks that need no network (True) or the hub (False).
     """
-    registrations = benchmark_registrations()
-    specs = {name: registrations[name].obj for name in filter_names(list(registrations), pattern)}
+    specs = BENCHMARKS.objects(pattern)
     return specs if offline is None else {name: s for name, s in specs.items() if s.offline == offline}
 
 
@@ -191,7 +186,7 @@ def get_benchmark_spec(name: str) -> BenchmarkSpec:
     Raises:
         UnknownNameError: no such benchmark (the message lists the known ones).
     """
-    return get_plugin_registry().lookup(benchmark_registrations(), _KIND, name).obj
+    return BENCHMARKS.get(name)
 
 
 def tuning_holdout_size(set_size: int, tuning_size: int) -> int:

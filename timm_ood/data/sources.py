@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..registry import Registration, check_name, filter_names, get_plugin_registry
+from ..registry import Kind, Registration
 from .errors import EmptyDatasetError
 
 if TYPE_CHECKING:
@@ -29,9 +29,6 @@ __all__ = [
     "model_overlay",
     "source_registrations",
 ]
-
-_KIND = "source"
-
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -75,15 +72,12 @@ class SourceSpec:
         }
 
 
-def _registered_name(obj: object) -> str:
-    if not isinstance(obj, SourceSpec):
-        raise TypeError(f"{obj!r} is not a timm_ood.data.SourceSpec")
-    return check_name(obj.name, _KIND)
+SOURCES: Kind[SourceSpec] = Kind.of_instances("timm_ood_sources", "source", SourceSpec, "timm_ood.data.SourceSpec")
 
 
 def source_registrations() -> dict[str, Registration[SourceSpec]]:
     """Every registered source by name, with the plugin and distribution it came from."""
-    return get_plugin_registry().collect("timm_ood_sources", _KIND, _registered_name)
+    return SOURCES.registrations()
 
 
 def list_sources(pattern: str | None = None, *, offline: bool | None = None) -> dict[str, SourceSpec]:
@@ -98,9 +92,7 @@ def list_sources(pattern: str | None = None, *, offline: bool | None = None) -> 
         ``{name: SourceSpec}``; each spec says whether it is ``offline``, its
         ``hub_id``, splits, provenance and licence.
     """
-    registrations = source_registrations()
-    names = filter_names(list(registrations), pattern)
-    specs = {name: registrations[name].obj for name in names}
+    specs = SOURCES.objects(pattern)
     return specs if offline is None else {name: s for name, s in specs.items() if s.offline == offline}
 
 
@@ -110,7 +102,7 @@ def get_source(name: str) -> SourceSpec:
     Raises:
         UnknownNameError: no such source (the message lists the known ones).
     """
-    return get_plugin_registry().lookup(source_registrations(), _KIND, name).obj
+    return SOURCES.get(name)
 
 
 def check_image_dataset(dataset: object, what: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registration, check_name, filter_names, get_plugin_registry
+from ..registry import Kind, Registration
 from .base import Detector, Requirements
 
 __all__ = [
@@ -21,18 +21,32 @@ __all__ = [
     "list_detectors",
 ]
 
-_KIND = "detector"
+#: The built-in detector modules, registered as plugins in this order (see
+#: :func:`timm_ood.registry.builtin_plugins`).
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "logits",
+    "odin",
+    "mahalanobis",
+    "entropic",
+    "gradient",
+    "sampling",
+    "posterior",
+    "temperature_scaling",
+    "shaping",
+    "gaussian",
+    "neighbours",
+    "classifier_geometry",
+    "prototypes",
+    "gram",
+    "training_heads",
+)
 
-
-def _registered_name(obj: object) -> str:
-    if not (isinstance(obj, type) and issubclass(obj, Detector)):
-        raise TypeError(f"{obj!r} is not a subclass of timm_ood.Detector")
-    return check_name(obj.name, _KIND)
+DETECTORS: Kind[type[Detector]] = Kind.of_subclasses("timm_ood_detectors", "detector", Detector, "timm_ood.Detector")
 
 
 def detector_registrations() -> dict[str, Registration[type[Detector]]]:
     """Every registered detector by name, with the plugin and distribution it came from."""
-    return get_plugin_registry().collect("timm_ood_detectors", _KIND, _registered_name)
+    return DETECTORS.registrations()
 
 
 def list_detectors(pattern: str | None = None, *, with_distribution: bool = False) -> list[str] | dict[str, str]:
@@ -43,11 +57,9 @@ def list_detectors(pattern: str | None = None, *, with_distribution: bool = Fals
         with_distribution: return ``{name: "distribution version"}`` instead,
             saying which installed package provides each name.
     """
-    registrations = detector_registrations()
-    names = filter_names(list(registrations), pattern)
     if with_distribution:
-        return {name: registrations[name].distribution for name in names}
-    return names
+        return {name: registration.distribution for name, registration in DETECTORS.matching(pattern).items()}
+    return DETECTORS.names(pattern)
 
 
 def get_detector_class(name: str) -> type[Detector]:
@@ -56,8 +68,7 @@ def get_detector_class(name: str) -> type[Detector]:
     Raises:
         UnknownNameError: no such detector (the message lists the known ones).
     """
-    registrations = detector_registrations()
-    return get_plugin_registry().lookup(registrations, _KIND, name).obj
+    return DETECTORS.get(name)
 
 
 def create_detector(name: str, **hyperparameters: Any) -> Detector:

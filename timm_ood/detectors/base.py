@@ -27,7 +27,7 @@ import inspect
 import json
 import warnings
 from abc import ABCMeta, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -47,7 +47,7 @@ from ..fingerprint import (
 )
 from ..tap import Need, Outputs, Tap
 
-__all__ = ["Detector", "Requirements", "all_reduce_sum", "score_dtype"]
+__all__ = ["Detector", "FastGrid", "Requirements", "all_reduce_sum", "score_dtype"]
 
 
 #: what ``Requirements.held_out`` may say: no step, held-out ID data, held-out ID and OOD data
@@ -103,6 +103,28 @@ class Requirements:
 def score_dtype(t: torch.Tensor) -> torch.Tensor:
     """``t`` in at least float32: half-precision scores would tie and lose order."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@dataclass(frozen=True)
+class FastGrid:
+    """A detector's own way of scoring a whole hyperparameter grid in one pass (:meth:`Detector.fast_grid`).
+
+    Attributes:
+        grid: the hyperparameter combinations, in the order of the rows of ``scores``.
+        scores: one batch's outputs -> float64 scores [len(grid), B]; row ``i``
+            is what the detector with the hyperparameters ``grid[i]`` scores.
+        label: the pass's name in progress bars (``"ODIN grid"`` reads
+            ``"ODIN grid on held-out ID"``).
+        needs: what the tap computes for each batch.
+        gradients: ``scores`` takes input gradients (``outputs.inputs`` are the
+            images, autograd on).
+    """
+
+    grid: list[dict[str, Any]]
+    scores: Callable[[Outputs], torch.Tensor]
+    label: str
+    needs: frozenset[Need] = frozenset()
+    gradients: bool = False
 
 
 #: the ``state_dict`` key (under the detector's prefix) holding its model fingerprint
@@ -182,6 +204,17 @@ class Detector(nn.Module, metaclass=ABCMeta):
 
     def check_hyperparameters(self) -> None:
         """Raise ``ValueError`` for invalid hyperparameter values (override to check)."""
+
+    @classmethod
+    def fast_grid(cls, space: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any]) -> FastGrid | None:
+        """A scorer of the whole grid ``space`` (with ``fixed`` held) faster than a detector per point, or None.
+
+        :func:`~timm_ood.evaluation.grid_search` asks for it first and, when it
+        is None (the default), scores the grid one combination at a time. A
+        detector returns one only for the spaces its scorer equals the
+        detector on (ODIN: temperature x epsilon, nothing fixed).
+        """
+        return None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

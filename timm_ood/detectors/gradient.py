@@ -1,14 +1,15 @@
-"""Gradient detectors: GradNorm, and Mahalanobis with input preprocessing.
+"""Gradient detectors: GradNorm.
 
-- ``gradnorm`` (Huang, Geng & Li, NeurIPS 2021): the L1 norm of the gradient
-  of ``KL(u || softmax(f(x)/T))`` with respect to the weight of the last layer.
-  The last layer is linear, ``z = W h + b``, so the per-sample gradient is the
-  outer product ``(∂KL/∂z) hᵀ`` and its L1 norm factorises into
-  ``‖∂KL/∂z‖₁ · ‖h‖₁``: one forward, no backward, no loop over samples.
-- ``mahalanobis-odin`` (Lee, Lee, Lee & Shin, NeurIPS 2018, Sec. 2.2, Eq. 3):
-  the ``mahalanobis`` detector with input preprocessing switched on, with the
-  paper's grid of noise magnitudes. It is the same implementation
-  (:class:`~timm_ood.detectors.distance.Mahalanobis` with ``epsilon > 0``).
+``gradnorm`` (Huang, Geng & Li, NeurIPS 2021): the L1 norm of the gradient of
+``KL(u || softmax(f(x)/T))`` with respect to the weight of the last layer. The
+last layer is linear, ``z = W h + b``, so the per-sample gradient is the outer
+product ``(∂KL/∂z) hᵀ`` and its L1 norm factorises into ``‖∂KL/∂z‖₁ · ‖h‖₁``:
+one forward, no backward, no loop over samples.
+
+This module also registers ``mahalanobis-odin`` (Mahalanobis with input
+preprocessing), which lives with the Mahalanobis family in
+:mod:`timm_ood.detectors.mahalanobis`: registered here, where it always was,
+``list_detectors()`` keeps its order.
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ import torch
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs
 from .base import Detector, Requirements
-from .distance import Mahalanobis
 from .logits import check_temperature
+from .mahalanobis import MahalanobisODIN
 
-__all__ = ["MAHALANOBIS_EPSILON_GRID", "GradNorm", "MahalanobisODIN", "gradnorm_scores"]
-
-#: Lee et al.'s noise magnitudes (the authors' released code), without 0 (no preprocessing).
-MAHALANOBIS_EPSILON_GRID: tuple[float, ...] = (0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+__all__ = ["GradNorm", "gradnorm_scores"]
 
 
 def gradnorm_scores(logits: torch.Tensor, pre_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -88,41 +86,6 @@ class GradNorm(Detector):
         logits = outputs.logits
         scores = gradnorm_scores(logits, outputs.pre_logits, float(self.temperature))
         return -scores.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-class MahalanobisODIN(Mahalanobis):
-    """Mahalanobis with input preprocessing (Lee, Lee, Lee & Shin, NeurIPS 2018, Sec. 2.2, Eq. 3).
-
-    ``x̂ = x + ε · sign(∇_x M(x))``, ``M(x) = max_c -(f(x) - μ_c)ᵀ Σ⁻¹ (f(x) - μ_c)``,
-    then the ``mahalanobis`` score at ``x̂``. ε is in [0, 1] pixel units and
-    divided by the model's normalisation std, as in the authors' code. The
-    implementation is :class:`~timm_ood.detectors.distance.Mahalanobis` with
-    ``epsilon > 0``; this name gives it the paper's noise grid as its search
-    space and refuses ``epsilon = 0`` (that is ``mahalanobis``).
-
-    The paper tunes ε on validation data over ``{0.0005, 0.001, 0.0014,
-    0.002, 0.005, 0.01}`` (and 0) and fixes no default; the default here is
-    0.0014, the grid's middle value (also ODIN's CIFAR choice). pytorch-ood's
-    ``MahalanobisODIN`` defaults to 0.002.
-
-    Args:
-        epsilon: noise magnitude ε > 0 in pixel units.
-    """
-
-    name = "mahalanobis-odin"
-    paper = ("Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting OOD Samples and Adversarial "
-             "Attacks, NeurIPS 2018, Sec. 2.2, Eq. 3 (input preprocessing)")
-    search_space: ClassVar = {"epsilon": MAHALANOBIS_EPSILON_GRID}
-
-    def __init__(self, epsilon: float = 0.0014) -> None:
-        super().__init__(epsilon=epsilon)
-
-    def check_hyperparameters(self) -> None:
-        if not float(self.epsilon) > 0:
-            raise ValueError(
-                f"mahalanobis-odin: epsilon must be > 0 (pixel units), got {self.epsilon!r}; "
-                "without input preprocessing use the 'mahalanobis' detector"
-            )
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from ..distributed import all_gather_stacked
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
-from .gaussian import resolve_layers
+from .mahalanobis import resolve_layers
 
 __all__ = ["Gram", "gram_features"]
 
@@ -211,7 +211,7 @@ class Gram(Detector):
         self.register_buffer("layer_sizes", None)  # Gram values per layer, P · C_l [L]
         self.register_buffer("mins", None)  # [K, F]
         self.register_buffer("maxs", None)  # [K, F]
-        self.register_buffer("layer_normalizers", None)  # E[δ_l] [L]
+        self.register_buffer("layer_normalisers", None)  # E[δ_l] [L]
         self._positions: list[int] = []
         self._sizes: list[int] = []
         self._smallest: torch.Tensor | None = None  # [2, K, F]
@@ -277,7 +277,7 @@ class Gram(Detector):
         self.layer_indices = torch.tensor(self._positions, device=device)
         self.layer_sizes = torch.tensor(self._sizes, device=device)
         self.mins, self.maxs = mins, maxs
-        self.layer_normalizers = _normalizers(per_layer / images.clamp_min(1))
+        self.layer_normalisers = _normalisers(per_layer / images.clamp_min(1))
         self._smallest = self._largest = self._counts = None
 
     # -- scoring ------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ class Gram(Detector):
         ], dim=1)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        total = (self.layer_deviations(outputs) / self.layer_normalizers.to(torch.float64)).sum(dim=1)
+        total = (self.layer_deviations(outputs) / self.layer_normalisers.to(torch.float64)).sum(dim=1)
         return score_dtype(total.to(outputs.logits.dtype))
 
     # -- the held-out step: E[δ_l] on held-out in-distribution data (the paper's validation step) ------
@@ -322,10 +322,10 @@ class Gram(Detector):
         self._held_out_sums = None
         if float(sums[-1]) == 0:
             raise ValueError("gram: the held-out step received no in-distribution images")
-        self.layer_normalizers = _normalizers(sums[:-1] / sums[-1]).to(self.mins.device)
+        self.layer_normalisers = _normalisers(sums[:-1] / sums[-1]).to(self.mins.device)
 
 
-def _normalizers(expected: torch.Tensor) -> torch.Tensor:
+def _normalisers(expected: torch.Tensor) -> torch.Tensor:
     """``E[δ_l]`` as divisors: a layer whose expected deviation is 0 is divided by 1 (pytorch-ood does the same)."""
     return torch.where(expected > 0, expected, torch.ones_like(expected))
 

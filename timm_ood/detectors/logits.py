@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ..free_energy import free_energy
 from ..hookspecs import hookimpl
 from ..tap import Outputs
 from .base import Detector, score_dtype
@@ -116,23 +117,24 @@ class Energy(Detector):
         check_temperature(self)
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        t = float(self.temperature)
-        return -t * torch.logsumexp(score_dtype(outputs.logits) / t, dim=1)
+        return free_energy(score_dtype(outputs.logits), float(self.temperature))
 
 
 class Entropy(Detector):
     """Shannon entropy of the softmax, ``H(p) = -Σ_i p_i log p_i``, higher = more OOD.
 
-    IsoMax's entropic score (Macêdo et al.) is ``-H`` of the softmax of the
-    negated prototype distances; on such a model this detector ranks inputs the
-    same way.
+    Computed as ``-(softmax(z) * log_softmax(z)).sum()`` (free of ``0 log 0``)
+    in float64, so that near-uniform predictions (an IsoMax model's, whose
+    entropies all sit just below ``log K``) do not tie. ``entropic``
+    (:class:`~timm_ood.detectors.entropic.EntropicScore`) is this detector
+    under the IsoMax paper's name: the same number.
     """
 
     name = "entropy"
     paper = "Shannon entropy of the predictive distribution; IsoMax entropic score (Macêdo et al.) up to sign"
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        log_p = torch.log_softmax(score_dtype(outputs.logits), dim=1)
+        log_p = torch.log_softmax(outputs.logits.to(torch.float64), dim=1)
         return -(log_p.exp() * log_p).sum(dim=1)
 
 

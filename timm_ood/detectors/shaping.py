@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IncompatibleModelError
+from ..free_energy import free_energy
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
 from .base import Detector, Requirements, all_reduce_sum, score_dtype
@@ -49,7 +50,6 @@ __all__ = [
     "ash_b",
     "ash_p",
     "ash_s",
-    "free_energy",
     "kept_count",
     "logit_scale_factor",
     "remove_rank_one",
@@ -58,11 +58,6 @@ __all__ = [
 
 #: Percentile grid shared by the pruning methods (OpenOOD's and pytorch-ood's sweep).
 PERCENTILE_GRID: tuple[float, ...] = (65, 70, 75, 80, 85, 90, 95)
-
-
-def free_energy(logits: torch.Tensor) -> torch.Tensor:
-    """``E(x) = -logsumexp_k f_k(x)`` (Liu et al., NeurIPS 2020, T = 1): higher = more OOD."""
-    return -torch.logsumexp(logits, dim=1)
 
 
 def kept_count(width: int, percentile: float) -> int:

@@ -8,18 +8,16 @@ held-out ID test images, which are excluded from the evaluation. Two protocols:
 - ``"cross-set"``: tune on one set's holdout and test on every other set's
   evaluation images (the paper's Appendix H, Tables 10-11).
 
-The ODIN grid is computed cleverly: ŷ and the logits of the unperturbed input
-do not depend on T or ε, and the gradient sign depends on T only, so each
-batch costs one forward with autograd, one backward per T (reusing the graph)
-and one forward per (T, ε > 0): not a full ODIN pass (two forwards and a
-backward) per grid point. :func:`naive_odin_grid_scores` is the reference loop
-it must equal exactly. Images whose gradient sign did not change from the
-previous T (most of them at large T) reuse that T's perturbed logits, which
-skips about a quarter of the forwards (:func:`odin_grid_scores`).
+A detector that can score a whole grid faster than one detector per point
+says so (:meth:`~timm_ood.detectors.base.Detector.fast_grid`): ODIN's
+(T, ε) grid costs one forward with autograd, one backward per T and one
+forward per (T, ε > 0) per batch, not a full ODIN pass per grid point
+(:func:`~timm_ood.detectors.odin.odin_grid_scores`).
 
-Any other detector is tuned over its declared ``search_space`` by
-:func:`grid_search`, which reuses one forward of the tuning images for every
-grid point and refits only when a hyperparameter that changes the fit changes.
+Any other grid is tried point by point over the detector's declared
+``search_space`` by :func:`grid_search`, which reuses one forward of the tuning
+images for every grid point and refits only when a hyperparameter that changes
+the fit changes.
 """
 
 from __future__ import annotations
@@ -31,16 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .._runtime import eval_mode
 from ..detectors import create_detector, get_detector_class
-from ..detectors.base import Detector
-from ..detectors.logits import negative_log_max_softmax
-from ..detectors.odin import odin_scores
-from ..detectors.perturbation import signed_step
+from ..detectors.base import Detector, FastGrid
 from ..distributed import all_gather_rows
 from ..fitting import fit_detectors
 from ..metrics import auroc, detection_error, fpr_at_tpr
@@ -50,104 +44,12 @@ from ..scoring import score_sets
 from ..tap import Outputs, Tap
 from .results import markdown_table
 
-__all__ = ["TuningResult", "grid_search", "naive_odin_grid_scores", "odin_grid_scores", "tune"]
+__all__ = ["TuningResult", "grid_search", "tune"]
 
 #: what tuning minimises on the holdouts: FPR at the TPR (ODIN's), Lee et al.'s detection error (the minimum
 #: over all thresholds of 0.5 (1 - TPR) + 0.5 FPR), the same error read at the TPR threshold (which ranks
 #: hyperparameters as FPR@TPR does), or 1 - AUROC
 CRITERIA = ("fpr_at_tpr", "detection_error", "detection_error_at_tpr", "auroc")
-
-
-def odin_grid_scores(
-    tap: Tap,
-    x: torch.Tensor,
-    temperatures: Sequence[float],
-    epsilons: Sequence[float],
-    *,
-    reuse_repeated_signs: bool = True,
-) -> torch.Tensor:
-    """ODIN scores of one batch at every (T, ε): float64 [len(T), len(ε), B].
-
-    One forward with autograd, one backward per T through the same graph, and
-    one forward per (T, ε > 0); ε = 0 reuses the unperturbed logits.
-
-    As T grows the gradient sign converges (``T·∇_x`` of Eq. 2's loss tends to
-    ``Σ_j (1/C − [j = ŷ]) ∇_x f_j``, free of T), so at large T many images keep
-    the sign map they had at the previous T. Their perturbed inputs are then
-    the same tensors, bit for bit, and with ``reuse_repeated_signs`` their
-    perturbed logits are reused and only the images whose sign changed are
-    forwarded (on Fashion-MNIST, about 27% of the grid's forwards). Those images' logits then come from a smaller batch;
-    CPU kernels are not batch-invariant, so the scores equal the naive loop's
-    to float32 rounding of the forward (about 1e-6), not bit for bit. With
-    ``reuse_repeated_signs=False`` every forward is a full-batch one and the
-    scores equal :func:`naive_odin_grid_scores` exactly.
-    """
-    std = tap.input_std(x)
-    out = torch.empty(len(temperatures), len(epsilons), len(x), dtype=torch.float64, device=x.device)
-    perturbed = [index for index, epsilon in enumerate(epsilons) if epsilon != 0]
-    unperturbed = [index for index, epsilon in enumerate(epsilons) if epsilon == 0]
-    reuse_from = None
-    with torch.inference_mode(False), torch.enable_grad():
-        leaf = x.detach().clone().requires_grad_(True)
-        logits = tap.logits(leaf)
-        clean_logits = logits.detach()
-        predicted = clean_logits.argmax(dim=1)
-        for t_index, temperature in enumerate(temperatures):
-            loss = F.cross_entropy(logits / temperature, predicted, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, leaf, retain_graph=t_index < len(temperatures) - 1)
-            sign = torch.sign(grad)
-            with torch.no_grad():
-                out[t_index, unperturbed] = negative_log_max_softmax(clean_logits, temperature)
-                if not perturbed:
-                    continue
-                perturbed_logits = _perturbed_logits(tap, x, sign, [epsilons[i] for i in perturbed], std, reuse_from)
-                out[t_index, perturbed] = negative_log_max_softmax(perturbed_logits.flatten(0, 1), temperature) \
-                    .view(len(perturbed), len(x))
-            if reuse_repeated_signs:
-                reuse_from = (sign, perturbed_logits)
-    return out
-
-
-def _perturbed_logits(
-    tap: Tap, x: torch.Tensor, sign: torch.Tensor, epsilons: Sequence[float], std: torch.Tensor,
-    reuse_from: tuple[torch.Tensor, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Logits of ``x - ε·sign/σ`` for each ε, [len(ε), B, C].
-
-    With ``reuse_from = (previous_sign, previous_logits)``, images whose sign map
-    equals the previous one keep their previous logits; the (ε, image) pairs
-    left are packed ε-major into forwards of ``len(x)`` images, so memory stays
-    that of one batch and, when every image is forwarded, each forward is
-    exactly one ε's full batch.
-    """
-    rows = torch.arange(len(x), device=x.device)
-    result = None
-    if reuse_from is not None:
-        previous_sign, previous_logits = reuse_from
-        changed = ~(sign == previous_sign).flatten(1).all(dim=1)
-        if not changed.any():
-            return previous_logits
-        rows = changed.nonzero().squeeze(1)
-        result = previous_logits.clone()
-    steps = torch.tensor(list(epsilons), dtype=x.dtype, device=x.device).view(-1, *[1] * (x.dim() - 1))
-    pairs = len(epsilons) * len(rows)
-    for start in range(0, pairs, len(x)):
-        flat = torch.arange(start, min(start + len(x), pairs), device=x.device)
-        e_index, row = flat // len(rows), rows[flat % len(rows)]
-        logits = tap.logits(signed_step(x[row], sign[row], steps[e_index], std))
-        if result is None:
-            result = logits.new_empty(len(epsilons), len(x), logits.shape[1])
-        result[e_index, row] = logits
-    return result
-
-
-def naive_odin_grid_scores(
-    tap: Tap, x: torch.Tensor, temperatures: Sequence[float], epsilons: Sequence[float]
-) -> torch.Tensor:
-    """The reference: one full ODIN pass per grid point, [len(T), len(ε), B] (for tests and benchmarks)."""
-    return torch.stack([
-        torch.stack([odin_scores(tap, x, t, e) for e in epsilons]) for t in temperatures
-    ])
 
 
 def _grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -231,24 +133,22 @@ def _shown(name: str) -> str:
     return "held-out ID" if name == _ID_KEY else f"held-out {name}"
 
 
-def _odin_values(
-    tap: Tap, sets: Mapping[str, Iterable], space: Mapping[str, Sequence[float]], progress: bool | None
+def _fast_grid_values(
+    tap: Tap, sets: Mapping[str, Iterable], fast: FastGrid, progress: bool | None
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    temperatures, epsilons = list(space["temperature"]), list(space["epsilon"])
+    """Every grid point's scores of each set from the detector's own grid scorer: one pass per set."""
     scores = {}
     for name, data in sets.items():
         chunks: list[torch.Tensor] = []
 
         def consume(outputs: Outputs, labels: torch.Tensor | None, chunks=chunks) -> None:
-            chunks.append(odin_grid_scores(tap, outputs.inputs, temperatures, epsilons).cpu())
+            chunks.append(fast.scores(outputs).cpu())
 
-        run_pass(tap, data, (), consume, gradients=True, desc=f"ODIN grid on {_shown(name)}",
+        run_pass(tap, data, fast.needs, consume, gradients=fast.gradients, desc=f"{fast.label} on {_shown(name)}",
                  progress=progress)
-        local = torch.cat(chunks, dim=2) if chunks else torch.zeros(len(temperatures), len(epsilons), 0,
-                                                                     dtype=torch.float64)
-        scores[name] = all_gather_rows(local.flatten(0, 1).T).T  # [grid, N] of every rank
-    grid = [{"temperature": t, "epsilon": e} for t in temperatures for e in epsilons]
-    return grid, scores
+        local = torch.cat(chunks, dim=1) if chunks else torch.zeros(len(fast.grid), 0, dtype=torch.float64)
+        scores[name] = all_gather_rows(local.T).T  # [grid, N] of every rank
+    return fast.grid, scores
 
 
 def _generic_values(
@@ -315,7 +215,8 @@ def grid_search(
         id_data: held-out in-distribution batches (never evaluation images).
         ood_data: held-out batches of each OOD set.
         space: candidate values per hyperparameter (default: the detector's
-            declared ``search_space``; ODIN's is T x 21 epsilons).
+            declared ``search_space``; ODIN's is T x 21 epsilons). A detector
+            whose ``fast_grid`` takes the space scores it in one pass per set.
         fit_data: in-distribution training batches for detectors that fit;
             refit only when a fit hyperparameter changes.
         criterion: ``"fpr_at_tpr"`` (ODIN's), ``"detection_error"`` (Lee et
@@ -328,7 +229,8 @@ def grid_search(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     model = model.model if isinstance(model, OODModel) else model
-    space = dict(get_detector_class(detector).search_space if space is None else space)
+    cls = get_detector_class(detector)
+    space = dict(cls.search_space if space is None else space)
     if not space:
         raise ValueError(f"detector {detector!r} declares no search space; pass space={{name: values}}")
     tap = Tap(model)
@@ -336,8 +238,9 @@ def grid_search(
     if _ID_KEY in ood_data:
         raise ValueError(f"an OOD set may not be called {_ID_KEY!r}")
     sets = {_ID_KEY: id_data, **ood_data}
-    if detector == "odin" and set(space) == {"temperature", "epsilon"} and not fixed:
-        grid, scores = _odin_values(tap, sets, space, progress)
+    fast = cls.fast_grid(space, fixed or {})
+    if fast is not None:
+        grid, scores = _fast_grid_values(tap, sets, fast, progress)
     else:
         grid, scores = _generic_values(tap, detector, sets, space, fit_data, fixed or {}, progress)
     id_scores = scores.pop(_ID_KEY)

@@ -11,7 +11,8 @@
     training.fit(model, train_data, loss=training.ConfidenceLoss(beta=1.0), outliers=aux_data, epochs=5)
     training.fit(model, train_data, loss=training.GRegObjective(),                     # GReg+
                  outliers=training.EnergyClusterSampler(aux_data), epochs=5)
-    training.fit_joint_confidence(model, train_data, beta=1.0, epochs=5)   # Lee et al., Algorithm 1
+    training.fit_joint_confidence(model, train_data, beta=1.0, epochs=5)   # Lee et al., Algorithm 1:
+    training.fit(model, train_data, loss=training.JointConfidenceObjective(beta=1.0), epochs=5)  # with fit's defaults
 
 Wherever data is taken (``train_data``, ``outliers``, ``eval_data``, the
 sampler's candidates) it may be a Hugging Face dataset with ``image`` (and, for
@@ -29,6 +30,7 @@ from .energy_sampling import EnergyClusterSampler, SamplingTimings, cluster_ener
 from .gan import (
     DCGANDiscriminator,
     DCGANGenerator,
+    JointConfidenceObjective,
     JointConfidenceRun,
     JointConfidenceTrainer,
     JointEpochRecord,
@@ -43,7 +45,7 @@ from .losses import (
     cross_entropy_to_uniform,
     kl_to_uniform,
 )
-from .objectives import Objective, OutlierObjective, SupervisedObjective, as_objective
+from .objectives import Objective, OutlierObjective, SupervisedObjective, TrainingPlan, as_objective
 from .outliers import CyclingOutliers, OutlierSource, as_outlier_source, outlier_batches
 from .sigmoid_heads import (
     BINCHead,
@@ -71,6 +73,7 @@ __all__ = [
     "GaussianBottleneckHead",
     "IsoMaxHead",
     "IsoMaxLoss",
+    "JointConfidenceObjective",
     "JointConfidenceRun",
     "JointConfidenceTrainer",
     "JointEpochRecord",
@@ -82,6 +85,7 @@ __all__ = [
     "SamplingTimings",
     "SupervisedObjective",
     "TrainingHistory",
+    "TrainingPlan",
     "VIBHead",
     "VIBLoss",
     "VIBYHead",

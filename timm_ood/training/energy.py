@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IncompatibleModelError
+from ..free_energy import free_energy
 from .objectives import Objective
 
 __all__ = ["EnergyLoss", "GRegObjective", "GRegTerms", "energy_margin_loss", "energy_score"]
@@ -32,9 +33,9 @@ GRADIENT_SCALINGS: tuple[str, ...] = ("batch-mean", "per-sample")
 DEFAULT_M_IN, DEFAULT_M_OUT = -25.0, -7.0
 
 
-def energy_score(logits: torch.Tensor) -> torch.Tensor:
-    """The energy ``S(x) = -log Σ_k exp(f_k(x))`` of each row of ``logits``: [B, K] -> [B] (lower = ID)."""
-    return -torch.logsumexp(logits, dim=1)
+#: the energy ``S(x) = -log Σ_k exp(f_k(x))`` of each row of ``logits`` (GReg's name for it; lower = ID):
+#: :func:`timm_ood.free_energy.free_energy` at T = 1, the same function the ``energy`` detector scores with
+energy_score = free_energy
 
 
 def energy_margin_loss(

@@ -22,6 +22,13 @@ Per in-distribution batch, in the paper's order, with fresh noise z each time:
    batch, ID and generated images in one forward as :func:`~timm_ood.training.fit`
    does for auxiliary outliers.
 
+:class:`JointConfidenceObjective` is the three updates as an objective that
+:func:`~timm_ood.training.fit` runs: its :meth:`~JointConfidenceObjective.update`
+makes steps 1 and 2 with G's and D's own optimisers, and ``fit`` makes step 3
+with the classifier's, on the objective's loss. :func:`fit_joint_confidence` is
+``fit`` with that objective; :class:`JointConfidenceTrainer` runs the three
+updates one by one for a loop of your own.
+
 Input space: G ends in a sigmoid, so it makes pixels in [0, 1]; they are
 mapped with the classifier's own mean/std (``model_info.data_config(model)``)
 into the normalised space the loaders produce. Both the classifier and D see
@@ -38,34 +45,26 @@ its samples confidently). D outputs a logit; ``log D = -softplus(-l)`` and
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._runtime import eval_mode, model_device
-from ..batches import iter_batches
-from .loop import (
-    EpochRecord,
-    TrainingHistory,
-    _scheduled_loader,
-    _training_batch,
-    accuracy,
-    make_optimizer,
-    make_schedule,
-)
+from ..distributed import all_reduce_sum, world
+from . import _distributed
+from .loop import EpochRecord, TrainingHistory, fit
 from .losses import ConfidenceLoss, kl_to_uniform
-from .objectives import OutlierObjective
+from .objectives import Objective, OutlierObjective, TrainingPlan
 
 __all__ = [
     "GENERATOR_LOSSES",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "JointConfidenceObjective",
     "JointConfidenceRun",
     "JointConfidenceTrainer",
     "JointEpochRecord",
@@ -221,12 +220,21 @@ def _parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def _descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter],
              max_grad_norm: float | None, what: str) -> None:
-    """One optimiser step on ``loss`` whose gradients reach ``parameters`` only."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the {what} loss became {float(loss.detach())}: lower the learning rates "
+    """One optimiser step on ``loss`` whose gradients reach ``parameters`` only.
+
+    Under torch.distributed the loss is checked over all ranks and the gradients
+    are averaged over them before clipping, as :func:`~timm_ood.training.fit` does.
+    """
+    world_size = world()[1]
+    value = torch.tensor([float(loss.detach())], dtype=torch.float64)
+    all_reduce_sum(value)  # a diverging rank stops every rank
+    if not math.isfinite(float(value)):
+        raise FloatingPointError(f"the {what} loss became {float(value) / world_size}: lower the learning rates "
                                  "or set max_grad_norm")
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=parameters)
+    if world_size > 1:
+        _distributed.average_gradients(parameters)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
@@ -244,7 +252,8 @@ class JointConfidenceTrainer:
         model: the classifier (a timm model returning logits).
         generator / discriminator: the GAN (see :class:`DCGANGenerator`).
         classifier_optimizer / generator_optimizer / discriminator_optimizer:
-            optimisers over the three modules' parameters.
+            optimisers over the three modules' parameters (the classifier's may be
+            None where another loop updates it, as :class:`JointConfidenceObjective` in ``fit``).
         beta: β of the KL term, the same in the G and classifier steps.
         generator_loss: ``"paper"`` (``log(1 - D(G(z)))``) or ``"non-saturating"`` (``-log D(G(z))``).
         noise: seeds the draws of z.
@@ -256,7 +265,7 @@ class JointConfidenceTrainer:
         model: nn.Module,
         generator: DCGANGenerator,
         discriminator: DCGANDiscriminator,
-        classifier_optimizer: torch.optim.Optimizer,
+        classifier_optimizer: torch.optim.Optimizer | None,
         generator_optimizer: torch.optim.Optimizer,
         discriminator_optimizer: torch.optim.Optimizer,
         *,
@@ -321,6 +330,8 @@ class JointConfidenceTrainer:
 
     def classifier_step(self, images: torch.Tensor, labels: torch.Tensor, z: torch.Tensor | None = None) -> float:
         """Descend the classifier's objective one step; returns its value."""
+        if self.classifier_optimizer is None:
+            raise ValueError("this trainer has no classifier_optimizer: the classifier is updated by another loop")
         self.model.train()
         objective = self.classifier_objective(images, labels, self.latent(len(images)) if z is None else z)
         _descend(objective, self.classifier_optimizer, _parameters(self.model), self.max_grad_norm, "classifier")
@@ -342,6 +353,104 @@ class JointEpochRecord(EpochRecord):
 
     discriminator_objective: float = float("nan")
     generator_objective: float = float("nan")
+
+
+class JointConfidenceObjective(Objective):
+    """Lee et al.'s Algorithm 1 as an objective of :func:`~timm_ood.training.fit`.
+
+    Per step, :meth:`update` makes D's and G's updates (1 and 2 of the module
+    docstring) with their own Adam optimisers, which follow ``fit``'s learning-rate
+    schedule; ``forward`` is the classifier's loss on fresh, detached G samples,
+    which ``fit`` descends with the classifier's optimiser (update 3). G and D are
+    submodules but not among :meth:`fit_parameters`: ``fit``'s optimiser never sees
+    them. Each epoch's record is a :class:`JointEpochRecord`.
+
+    Args:
+        beta: β of Eq. 4, in the G and the classifier steps.
+        generator_loss: ``"paper"`` (``log(1 - D(G(z)))``) or ``"non-saturating"``.
+        generator / discriminator: bring your own (default: DCGANs sized to the model,
+            made when ``fit`` starts, after it has seeded the run).
+        latent_dim / gan_width: of the default DCGANs.
+        gan_lr / gan_betas: Adam settings of G and D.
+
+    z is drawn from a generator seeded with ``fit``'s ``seed + 1`` (``+ rank`` under
+    torch.distributed, where G's and D's gradients are averaged over the ranks as
+    the classifier's are).
+    """
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        generator_loss: str = "paper",
+        *,
+        generator: DCGANGenerator | None = None,
+        discriminator: DCGANDiscriminator | None = None,
+        latent_dim: int = 100,
+        gan_width: int = 64,
+        gan_lr: float = 2e-4,
+        gan_betas: tuple[float, float] = (0.5, 0.999),
+    ) -> None:
+        super().__init__()
+        if generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(f"unknown generator_loss {generator_loss!r}; choose one of {', '.join(GENERATOR_LOSSES)}")
+        self.beta, self.generator_loss = float(beta), generator_loss
+        self.generator, self.discriminator = generator, discriminator
+        self.latent_dim, self.gan_width = latent_dim, gan_width
+        self.gan_lr, self.gan_betas = gan_lr, gan_betas
+        self.trainer: JointConfidenceTrainer | None = None
+        self._schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        self._sums = torch.zeros(3, dtype=torch.float64)  # D and G objectives x images, images
+
+    def start(self, model: nn.Module, plan: TrainingPlan) -> None:
+        """Make G and D (unless given) on the model's device, their optimisers and schedules, and the trainer."""
+        device = model_device(model)
+        if self.generator is None:
+            self.generator = DCGANGenerator.for_model(model, latent_dim=self.latent_dim, width=self.gan_width)
+        if self.discriminator is None:
+            self.discriminator = DCGANDiscriminator.for_model(model, width=self.gan_width)
+        self.generator.to(device)
+        self.discriminator.to(device)
+        optimizers = [torch.optim.Adam(_parameters(m), lr=self.gan_lr, betas=self.gan_betas)
+                      for m in (self.generator, self.discriminator)]
+        self._schedulers = [plan.schedule(o) for o in optimizers]
+        self.trainer = JointConfidenceTrainer(
+            model, self.generator, self.discriminator, None, *optimizers, beta=self.beta,
+            generator_loss=self.generator_loss, noise=torch.Generator().manual_seed(plan.seed + 1 + world()[0]),
+            max_grad_norm=plan.max_grad_norm,
+        )
+        self._sums.zero_()
+
+    def _started(self) -> JointConfidenceTrainer:
+        if self.trainer is None:
+            raise RuntimeError("JointConfidenceObjective runs inside training.fit, which calls start() first")
+        return self.trainer
+
+    def update(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """D ascends its objective, then G descends its own (the classifier frozen); their schedules step."""
+        trainer = self._started()
+        self.generator.train()
+        self.discriminator.train()
+        d = trainer.discriminator_step(images)
+        g = trainer.generator_step(len(images))
+        for scheduler in self._schedulers:
+            scheduler.step()
+        self._sums += torch.tensor([d, g, 1.0], dtype=torch.float64) * len(images)
+
+    def forward(self, model, images, targets, outliers=None):
+        """The classifier's ``mean CE(x, y) + β mean KL(U || Pθ(y|G(z)))`` on fresh, detached samples."""
+        trainer = self._started()
+        return trainer.classifier_objective(images, targets, trainer.latent(len(images)))
+
+    def fit_parameters(self) -> Iterator[nn.Parameter]:
+        """None: G and D are updated by :meth:`update` with their own optimisers."""
+        return iter(())
+
+    def end_epoch(self, record: EpochRecord) -> JointEpochRecord:
+        """The record with the epoch's mean D and G objectives (over all ranks' images)."""
+        all_reduce_sum(self._sums)
+        means = (self._sums[:2] / max(float(self._sums[2]), 1)).tolist()
+        self._sums.zero_()
+        return JointEpochRecord(**asdict(record), discriminator_objective=means[0], generator_objective=means[1])
 
 
 @dataclass
@@ -388,7 +497,9 @@ def fit_joint_confidence(
     and no weight decay. The classifier's settings (``optimizer``, ``lr``,
     ``weight_decay``, ``schedule``, ``augment``...) mean what they mean in
     :func:`~timm_ood.training.fit`, so a comparison can train every method with
-    one recipe; the GAN's learning rates follow the same schedule.
+    one recipe; the GAN's learning rates follow the same schedule. It is ``fit``
+    with a :class:`JointConfidenceObjective` (so it runs under torch.distributed as
+    ``fit`` does, G and D kept identical on every rank).
 
     Args:
         model: a timm model (any ``nn.Module`` returning logits that
@@ -411,53 +522,21 @@ def fit_joint_confidence(
             classifier's weights come from when it was created, as in ``fit``).
         eval_data: labelled batches or a Hugging Face dataset to report accuracy on after each epoch.
         max_grad_norm: clip each step's gradient norm.
-        progress: tqdm bars (default: on a terminal).
+        progress: tqdm bars (default: on a terminal; only on rank 0 under torch.distributed).
 
     Returns:
         :class:`JointConfidenceRun`: per-epoch history (classifier loss, GAN
         objectives, accuracy) and the trained generator and discriminator. The
         model, G and D are left in eval mode.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    torch.manual_seed(seed)
-    device = model_device(model)
-    generator = (generator or DCGANGenerator.for_model(model, latent_dim=latent_dim, width=gan_width)).to(device)
-    discriminator = (discriminator or DCGANDiscriminator.for_model(model, width=gan_width)).to(device)
-    augmentation = torch.Generator().manual_seed(seed)
-    loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
-    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    optimizers = (
-        make_optimizer(_parameters(model), optimizer, lr, weight_decay, momentum),
-        torch.optim.Adam(_parameters(generator), lr=gan_lr, betas=gan_betas),
-        torch.optim.Adam(_parameters(discriminator), lr=gan_lr, betas=gan_betas),
+    objective = JointConfidenceObjective(
+        beta, generator_loss, generator=generator, discriminator=discriminator, latent_dim=latent_dim,
+        gan_width=gan_width, gan_lr=gan_lr, gan_betas=gan_betas,
     )
-    schedulers = [make_schedule(o, schedule, total, warmup, milestones=milestones) for o in optimizers]
-    trainer = JointConfidenceTrainer(
-        model, generator, discriminator, *optimizers, beta=beta, generator_loss=generator_loss,
-        noise=torch.Generator().manual_seed(seed + 1), max_grad_norm=max_grad_norm,
+    history = fit(
+        model, train_data, loss=objective, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        momentum=momentum, schedule=schedule, milestones=milestones, warmup_epochs=warmup_epochs,
+        batch_size=batch_size, augment=augment, seed=seed, eval_data=eval_data, max_grad_norm=max_grad_norm,
+        progress=progress,
     )
-    history = TrainingHistory()
-    for epoch in range(1, epochs + 1):
-        start, seen = time.perf_counter(), 0
-        sums = torch.zeros(3, dtype=torch.float64)
-        bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"joint epoch {epoch}/{epochs}", leave=False,
-                   disable=None if progress is None else not progress)
-        for images, labels in bar:
-            images, labels = _training_batch(images, labels, device, augment, augmentation)
-            values = trainer.step(images, labels)
-            for scheduler in schedulers:
-                scheduler.step()
-            sums += torch.tensor(values, dtype=torch.float64) * len(images)
-            seen += len(images)
-            bar.set_postfix(loss=f"{sums[2] / seen:.4f}")
-        means = (sums / max(seen, 1)).tolist()
-        record = JointEpochRecord(epoch, means[2], schedulers[0].get_last_lr()[0], time.perf_counter() - start,
-                                  discriminator_objective=means[0], generator_objective=means[1])
-        if eval_data is not None:
-            record.accuracy = accuracy(model, eval_data)
-        history.epochs.append(record)
-    model.eval()
-    generator.eval()
-    discriminator.eval()
-    return JointConfidenceRun(history, generator, discriminator)
+    return JointConfidenceRun(history, objective.generator, objective.discriminator)

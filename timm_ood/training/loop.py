@@ -4,7 +4,9 @@
 step) learning-rate schedule over all steps, optional batch augmentation,
 seeded. What a step minimises is an :class:`~timm_ood.training.objectives.Objective`
 (a plain loss is adapted), and an optional auxiliary-outlier source is
-interleaved with the in-distribution batches, one outlier batch per step.
+interleaved with the in-distribution batches, one outlier batch per step. An
+objective may train modules of its own around the model's update (Lee et al.'s
+joint GAN: :func:`~timm_ood.training.fit_joint_confidence` is ``fit`` with such an objective).
 Under an initialised torch.distributed process group each rank trains on its
 part of the data and the replicas stay identical (see :func:`fit`).
 """
@@ -28,7 +30,7 @@ from ..passes import shard
 from ..tap import inspect_head
 from . import _distributed
 from .augment import random_crop_flip
-from .objectives import as_objective
+from .objectives import TrainingPlan, as_objective
 from .outliers import OutlierSource, as_outlier_source, is_hf_dataset, outlier_batches
 
 __all__ = ["EpochRecord", "TrainingHistory", "accuracy", "fit", "make_optimizer", "make_schedule"]
@@ -195,6 +197,7 @@ def fit(
     weight_decay: float = 5e-4,
     momentum: float = 0.9,
     schedule: str = "cosine",
+    milestones: Sequence[float] = (0.5, 0.75),
     warmup_epochs: float = 0.0,
     batch_size: int = 128,
     augment: bool = False,
@@ -211,8 +214,9 @@ def fit(
             a Hugging Face ``Dataset`` (then loaded for the model with
             ``timm_ood.data.make_loader``, shuffled with ``seed``).
         loss: ``loss(logits, targets)``, or with ``outliers``
-            ``loss(logits_in, targets, logits_out)``, or an ``Objective``;
-            default cross-entropy.
+            ``loss(logits_in, targets, logits_out)``, or an ``Objective``
+            (which may train modules of its own: its hooks are called as
+            :class:`~timm_ood.training.Objective` describes); default cross-entropy.
         outliers: auxiliary outliers, one batch per step, cycled: a DataLoader or
             iterable of batches (``(images, labels)`` or images), a Hugging Face
             dataset with an ``image`` column (its ``label``, if any, is ignored;
@@ -225,7 +229,8 @@ def fit(
         lr: peak learning rate (default 0.1 for SGD, 1e-3 for Adam/AdamW).
         weight_decay: applied to every parameter (IsoMax prototypes included).
         momentum: SGD momentum.
-        schedule: ``"cosine"`` (per step, to 0), ``"step"`` (x0.1 at 50%/75%) or ``"constant"``.
+        schedule: ``"cosine"`` (per step, to 0), ``"step"`` (x0.1 at ``milestones``) or ``"constant"``.
+        milestones: fractions of training where ``"step"`` divides the learning rate by 10.
         warmup_epochs: linear warm-up length in epochs.
         batch_size: images per batch of a Hugging Face dataset given as ``train_data`` or ``outliers``.
         augment: random 2-pixel shifts and horizontal flips of the ID batch.
@@ -237,7 +242,8 @@ def fit(
         progress: tqdm bars (default: on a terminal; only on rank 0 under torch.distributed).
 
     Returns:
-        The per-epoch history; the model is left in eval mode.
+        The per-epoch history (records as the objective's :meth:`~timm_ood.training.Objective.end_epoch`
+        returns them); the model and the objective are left in eval mode.
 
     Under torch.distributed (any initialised process group of more than one
     process: torchrun, Accelerate, Lightning), call ``fit`` on every rank with the
@@ -255,8 +261,8 @@ def fit(
       are dropped). A DataLoader shuffled without a ``generator`` is refused.
     - an iterable of outlier batches is split the same way (an ``OutlierSource``
       is used as given, on each rank).
-    - rank 0's weights are copied to every rank first; after each backward the
-      gradients (the objective's parameters included) are averaged over the ranks,
+    - rank 0's weights (the objective's included) are copied to every rank first;
+      after each backward the gradients (the objective's parameters included) are averaged over the ranks,
       before clipping; BatchNorm normalises with each rank's batch statistics, and
       the running statistics are averaged over the ranks after each epoch, so the
       replicas end identical.
@@ -282,16 +288,24 @@ def fit(
     loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
     if world_size > 1:
         loader, steps_per_epoch = _distributed.rank_loader(loader, seed)
+    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+
+    def scheduled(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return make_schedule(optimizer, schedule, total_steps, warmup_steps, milestones=milestones)
+
+    objective.start(model, TrainingPlan(seed, epochs, steps_per_epoch, max_grad_norm, scheduled))
+    if world_size > 1:
         _distributed.broadcast_from_main([model, objective])
     num_classes = inspect_head(model).num_classes
-    parameters = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+    parameters = [p for p in [*model.parameters(), *objective.fit_parameters()] if p.requires_grad]
     lr = DEFAULT_LR.get(optimizer, 0.1) if lr is None else lr
     opt = make_optimizer(parameters, optimizer, lr, weight_decay, momentum)
-    scheduler = make_schedule(opt, schedule, epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch))
+    scheduler = scheduled(opt)
     history = TrainingHistory()
     for epoch in range(1, epochs + 1):
         start, total_loss, seen = time.perf_counter(), 0.0, 0
         model.train()
+        objective.train()
         bar = tqdm(iter_batches(loader), total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=not is_main_process() or (None if progress is None else not progress))
         for images, labels in bar:
@@ -300,6 +314,7 @@ def fit(
             if outlier_source is not None:
                 outlier_images = outlier_source.next_batch(model, len(images)).to(device)
                 model.train()  # a sampler may have scored candidates in eval mode
+            objective.update(model, images, labels)
             step_loss = objective(model, images, labels, outlier_images)
             # summed over the ranks before backward: a diverging rank stops every rank
             step_sum = torch.tensor([float(step_loss.detach()) * len(images), len(images)], dtype=torch.float64)
@@ -324,8 +339,10 @@ def fit(
         if world_size > 1:
             _distributed.sync_buffers([model, objective])
         record = EpochRecord(epoch, total_loss / max(seen, 1), scheduler.get_last_lr()[0], time.perf_counter() - start)
+        record = objective.end_epoch(record)
         if eval_data is not None:
             record.accuracy = accuracy(model, eval_data)
         history.epochs.append(record)
     model.eval()
+    objective.eval()
     return history

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 from .bottleneck import VIBLoss, VIBYLoss
 from .energy import EnergyLoss, GRegObjective
-from .gan import JointConfidenceTrainer
+from .gan import JointConfidenceObjective
 from .losses import ConfidenceLoss, IsoMaxLoss, OutlierExposureLoss
 from .sigmoid_heads import BINCLoss, BINLoss
 
 __all__ = ["METHODS", "TrainingMethod"]
+
+#: keyword arguments that are objects or plumbing, not settings of the method
+_NOT_SETTINGS = frozenset({"noise", "max_grad_norm", "generator", "discriminator"})
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class TrainingMethod:
         call: the code that trains with it (``train_data`` / ``aux_data`` are yours).
         head: the ``replace_head`` kind it needs, or None for the model's own linear classifier.
         objective: the loss or objective class whose keyword defaults the table shows (for
-            the joint GAN, which runs its own three updates, :class:`JointConfidenceTrainer`).
+            the joint GAN, :class:`JointConfidenceObjective`, whose updates of the generator and the
+            discriminator run inside ``training.fit`` before each classifier step).
         detectors: the detectors that score it.
         outliers: what OOD data it trains on ("none" without).
     """
@@ -46,7 +50,7 @@ class TrainingMethod:
         """The objective's keyword defaults, read from its signature."""
         parameters = inspect.signature(self.objective).parameters.values()
         return {p.name: p.default for p in parameters
-                if p.default is not inspect.Parameter.empty and p.name not in ("noise", "max_grad_norm")}
+                if p.default is not inspect.Parameter.empty and p.name not in _NOT_SETTINGS}
 
 
 METHODS: tuple[TrainingMethod, ...] = (
@@ -61,7 +65,7 @@ METHODS: tuple[TrainingMethod, ...] = (
     TrainingMethod(
         "Joint confidence loss + GAN", "Lee et al., ICLR 2018, Eq. 4, Algorithm 1",
         "fit_joint_confidence(model, train_data, beta=1.0)",
-        None, JointConfidenceTrainer, ("msp", "odin"), "GAN samples"),
+        None, JointConfidenceObjective, ("msp", "odin"), "GAN samples"),
     TrainingMethod(
         "Outlier exposure", "Hendrycks, Mazeika & Dietterich, ICLR 2019, Eq. 1",
         "fit(model, train_data, loss=OutlierExposureLoss(), outliers=aux_data)",

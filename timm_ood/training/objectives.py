@@ -11,21 +11,61 @@ automatically:
   through one forward, as the outlier-exposure reference code does.
 
 Methods that need more than logits (GReg's input-gradient penalty) subclass
-:class:`Objective` directly.
+:class:`Objective` directly. An objective that trains modules of its own next
+to the model (Lee et al.'s joint GAN, :class:`~timm_ood.training.JointConfidenceObjective`)
+uses the hooks :func:`~timm_ood.training.fit` calls around the model's update:
+:meth:`Objective.start` once before the first step (with the run's
+:class:`TrainingPlan`), :meth:`Objective.update` before each step's loss,
+:meth:`Objective.end_epoch` on each epoch's record, and keeps its modules'
+parameters out of the model's optimiser (:meth:`Objective.fit_parameters`).
 """
 
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["Objective", "OutlierObjective", "SupervisedObjective", "as_objective"]
+if TYPE_CHECKING:
+    from .loop import EpochRecord
+
+__all__ = ["Objective", "OutlierObjective", "SupervisedObjective", "TrainingPlan", "as_objective"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What :func:`~timm_ood.training.fit` tells an objective before the first step (:meth:`Objective.start`).
+
+    Attributes:
+        seed: ``fit``'s ``seed`` (each rank seeds its own draws with ``seed + rank``).
+        epochs: passes over the training data.
+        steps_per_epoch: steps per epoch on this rank.
+        max_grad_norm: ``fit``'s gradient clipping (None: off).
+        schedule: ``schedule(optimizer)`` is ``fit``'s learning-rate schedule (kind, warm-up,
+            milestones, length) for another optimiser; step it once per training step.
+    """
+
+    seed: int
+    epochs: int
+    steps_per_epoch: int
+    max_grad_norm: float | None
+    schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class Objective(nn.Module, metaclass=ABCMeta):
-    """One step's loss from the model and the batch (an ``nn.Module`` so it may hold parameters)."""
+    """One step's loss from the model and the batch (an ``nn.Module`` so it may hold parameters).
+
+    :func:`~timm_ood.training.fit` moves the objective to the model's device, calls
+    :meth:`start` once, then per step :meth:`update`, ``forward`` (whose loss the
+    model's optimiser descends, with the objective's :meth:`fit_parameters`) and, per
+    epoch, :meth:`end_epoch`. Under torch.distributed its parameters and buffers are
+    rank 0's at the start and its running statistics are averaged after each epoch,
+    as the model's. The hooks do nothing by default.
+    """
 
     #: whether the step needs an auxiliary outlier batch
     uses_outliers: bool = False
@@ -35,6 +75,31 @@ class Objective(nn.Module, metaclass=ABCMeta):
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, outliers: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The scalar loss to minimise; ``outliers`` is the step's auxiliary batch, when any."""
+
+    def start(self, model: nn.Module, plan: TrainingPlan) -> None:
+        """Called once before the first step, after ``fit`` has seeded the run and made its loader.
+
+        An objective that trains modules of its own builds them (on the model's device),
+        their optimisers and their schedules (``plan.schedule``) here.
+        """
+
+    def update(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """Updates of the objective's own modules before the step's loss (the model in train mode).
+
+        Each such update back-propagates into its own modules' parameters only and
+        steps their own optimiser; the model's weights are ``fit``'s to update.
+        """
+
+    def fit_parameters(self) -> Iterator[nn.Parameter]:
+        """The objective's parameters that ``fit``'s optimiser trains with the model's: all, by default.
+
+        An objective that updates modules of its own (:meth:`update`) leaves theirs out.
+        """
+        return self.parameters()
+
+    def end_epoch(self, record: EpochRecord) -> EpochRecord:
+        """The epoch's record, extended with what the objective measured (as it is, by default)."""
+        return record
 
 
 class SupervisedObjective(Objective):

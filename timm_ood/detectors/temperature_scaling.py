@@ -111,7 +111,9 @@ class TemperatureScaling(Detector):
     Relation to ``temperature``: the same score, but ``temperature`` takes T as
     a hyperparameter (ODIN's Baseline+T, tuned on OOD data, 1000 by default);
     here T is learnt from in-distribution labels alone and is usually near 1
-    to 3, so the ranking stays close to ``msp``.
+    to 3, so the ranking stays close to ``msp``. The fitted value is the buffer
+    ``fitted_temperature`` (not a hyperparameter, so it is not called
+    ``temperature``).
     """
 
     name = "temperature-scaling"
@@ -120,7 +122,7 @@ class TemperatureScaling(Detector):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("temperature", None)
+        self.register_buffer("fitted_temperature", None)
         self._slopes: torch.Tensor | None = None
         self._curvatures: torch.Tensor | None = None
 
@@ -150,12 +152,12 @@ class TemperatureScaling(Detector):
             raise ValueError("fit received no samples: the in-distribution data is empty")
         all_reduce_sum(self._slopes, self._curvatures)
         betas = torch.tensor(INVERSE_TEMPERATURES, dtype=torch.float64, device=self._slopes.device)
-        self.temperature = torch.tensor(1 / nll_minimiser(betas, self._slopes, self._curvatures),
+        self.fitted_temperature = torch.tensor(1 / nll_minimiser(betas, self._slopes, self._curvatures),
                                         dtype=torch.float64, device=self._slopes.device)
         self._slopes = self._curvatures = None
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        return negative_log_max_softmax(outputs.logits, float(self.temperature))
+        return negative_log_max_softmax(outputs.logits, float(self.fitted_temperature))
 
 
 @hookimpl
