@@ -202,7 +202,7 @@ COUNTERPARTS: dict[str, Counterpart] = {
                 "activations"),
     "rankfeat": Counterpart("RankFeat", lambda p, d: _pood("RankFeat")(p.backbone, p.head), image_size=64),
     "lts": Counterpart("LTS", lambda p, d: _pood("LTS")(p.encoder, p.classifier, p=1 - _fraction(d.percentile))),
-    "rmd": Counterpart("RMD", lambda p, d: _pood("RMD")(p.encoder)),
+    "rmd": Counterpart("RMD", lambda p, d: _pood("RMD")(p.encoder), differs=_SINGULAR),  # class and background scatter alike
     "multi-mahalanobis": Counterpart(
         "MultiMahalanobis", lambda p, d: _pood("MultiMahalanobis")(p.stages),
         differs="pytorch-ood sums the layers' scores with fixed weights (all 1); the paper, and "
