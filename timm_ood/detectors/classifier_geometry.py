@@ -1,15 +1,15 @@
-"""Detectors that read the linear classifier's geometry against the pre-logits features.
+"""Detectors that read the linear classifier's geometry against the pre-logits.
 
-- ``vim``: the residual of the features outside their principal subspace,
+- ``vim``: the residual of the pre-logits outside their principal subspace,
   measured from the origin ``-W⁺b`` of the classifier, as a virtual logit;
 - ``fdbd``: the mean distance to the decision boundaries of the predicted class;
-- ``nci``: the alignment of the centred features with the predicted class's weight.
+- ``nci``: the alignment of the centred pre-logits with the predicted class's weight.
 
 Each needs the weight ``W`` [K, D] and bias ``b`` [K] of a single linear
 classifier over the pre-logits (``Requirements.linear_classifier``): models
 with distilled or MLP heads are refused at ``wrap`` with an
 ``IncompatibleModelError``. They apply to ViTs as to CNNs (the pre-logits are
-the pooled / class token features timm's ``forward_head`` returns).
+the pooled / class token vectors timm's ``forward_head`` returns).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .base import Detector, Requirements, all_reduce_sum, score_dtype
 __all__ = ["FDBD", "NCI", "ViM", "vim_principal_dim"]
 
 
-def vim_principal_dim(feature_dim: int, principal_dim: int | float | None = None) -> int:
-    """ViM's principal subspace dimension D for features of dimension N.
+def vim_principal_dim(pre_logits_dim: int, principal_dim: int | float | None = None) -> int:
+    """ViM's principal subspace dimension D for pre-logits of dimension N.
 
     ``None``: the authors' rule (their released ``benchmark.py``), D = 1000 for
     N >= 2048 and 512 otherwise, with D = N // 2 where that leaves no residual
@@ -37,17 +37,17 @@ def vim_principal_dim(feature_dim: int, principal_dim: int | float | None = None
         ValueError: D is not in [1, N - 1].
     """
     if principal_dim is None:
-        dim = 1000 if feature_dim >= 2048 else 512
-        if dim >= feature_dim:
-            dim = feature_dim // 2
+        dim = 1000 if pre_logits_dim >= 2048 else 512
+        if dim >= pre_logits_dim:
+            dim = pre_logits_dim // 2
     elif isinstance(principal_dim, float):
-        dim = round(principal_dim * feature_dim)
+        dim = round(principal_dim * pre_logits_dim)
     else:
         dim = int(principal_dim)
-    if not 1 <= dim < feature_dim:
+    if not 1 <= dim < pre_logits_dim:
         raise ValueError(
-            f"vim: principal_dim={principal_dim!r} gives D={dim} for {feature_dim}-dimensional features; "
-            f"D must be in [1, {feature_dim - 1}] to leave a residual"
+            f"vim: principal_dim={principal_dim!r} gives D={dim} for {pre_logits_dim}-dimensional pre-logits; "
+            f"D must be in [1, {pre_logits_dim - 1}] to leave a residual"
         )
     return dim
 
@@ -72,7 +72,7 @@ class ViM(Detector):
     difference).
 
     Args:
-        principal_dim: D (int), a fraction of the feature dimension (float in
+        principal_dim: D (int), a fraction of the pre-logits dimension (float in
             (0, 1)), or None for the authors' rule (:func:`vim_principal_dim`).
     """
 
@@ -155,7 +155,7 @@ class ViM(Detector):
 
 
 class _TrainingMean(Detector):
-    """A detector whose only fitted state is the mean of the training pre-logits features (float64)."""
+    """A detector whose only fitted state is the mean of the training pre-logits (float64)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -167,9 +167,9 @@ class _TrainingMean(Detector):
         self._sum, self._count = None, torch.zeros((), dtype=torch.float64)
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        features = outputs.pre_logits.flatten(1).to(torch.float64)
-        self._sum = features.sum(0) if self._sum is None else self._sum + features.sum(0)
-        self._count = self._count.to(features.device) + len(features)
+        pre_logits = outputs.pre_logits.flatten(1).to(torch.float64)
+        self._sum = pre_logits.sum(0) if self._sum is None else self._sum + pre_logits.sum(0)
+        self._count = self._count.to(pre_logits.device) + len(pre_logits)
 
     def finish_fit(self) -> None:
         if self._sum is None:
@@ -182,11 +182,11 @@ class _TrainingMean(Detector):
 class FDBD(_TrainingMean):
     """Fast decision boundary distance (Liu & Qin, ICML 2024).
 
-    The distance of the features ``z`` to the decision boundary between the
+    The distance of the pre-logits ``z`` to the decision boundary between the
     predicted class ŷ and class c of a linear classifier is closed-form,
     ``|(w_ŷ - w_c)ᵀz + b_ŷ - b_c| / ‖w_ŷ - w_c‖ = |l_ŷ - l_c| / ‖w_ŷ - w_c‖``.
     Paper score: its mean over ``c ≠ ŷ`` divided by ``‖z - μ_train‖₂``, the
-    distance to the mean of the training features (the only fitted state;
+    distance to the mean of the training pre-logits (the only fitted state;
     no labels); higher = in-distribution, returned negated. No
     hyperparameters. ``‖w_ŷ - w_c‖`` is computed per input from ``W Wᵀ``
     rows (no [K, K, D] tensor).
@@ -217,10 +217,10 @@ class FDBD(_TrainingMean):
 class NCI(_TrainingMean):
     """Neural-collapse inspired detector (Liu & Qin, CVPR 2025).
 
-    With ``μ_G`` the mean of the training pre-logits features ``h`` (the
+    With ``μ_G`` the mean of the training pre-logits ``h`` (the
     fitted state; no labels) and ŷ the predicted class: proximity
     ``pScore(x) = w_ŷᵀ(h - μ_G) / ‖h - μ_G‖₂`` and the paper's score
-    ``pScore(x) + α ‖h‖₁`` (the L1 feature norm filters OOD inputs near the
+    ``pScore(x) + α ‖h‖₁`` (the L1 norm of the pre-logits filters OOD inputs near the
     origin), higher = in-distribution; returned negated. ``pScore`` is the
     cosine between ``w_ŷ`` and ``h - μ_G`` up to ``‖w_ŷ‖``, which neural
     collapse makes equal across classes; it is computed as in the authors'
@@ -228,7 +228,7 @@ class NCI(_TrainingMean):
     by ``‖w_ŷ‖``.
 
     Args:
-        alpha: weight of the feature-norm filter, >= 0 (the authors' default
+        alpha: weight of the pre-logits-norm filter, >= 0 (the authors' default
             1e-4; tuned on held-out data in the paper).
     """
 
@@ -250,12 +250,12 @@ class NCI(_TrainingMean):
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         weight, _ = outputs.tap.linear_classifier(f"detector {self.name!r}")
-        features = outputs.pre_logits.flatten(1).to(torch.float64)
+        pre_logits = outputs.pre_logits.flatten(1).to(torch.float64)
         predicted = outputs.logits.argmax(dim=1)
-        centered = features - self.feature_mean.to(torch.float64)
+        centered = pre_logits - self.feature_mean.to(torch.float64)
         alignment = (weight.detach().to(torch.float64)[predicted] * centered).sum(1)
         proximity = alignment / centered.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-        score = -(proximity + float(self.alpha) * features.abs().sum(1))
+        score = -(proximity + float(self.alpha) * pre_logits.abs().sum(1))
         return score_dtype(score.to(outputs.logits.dtype))
 
 

@@ -13,7 +13,7 @@ class EntropicScore(Entropy):
     """IsoMax's entropic score: an alias of ``entropy`` under the paper's name (the same number).
 
     Paper score (Eq. 5-6): ``ES(x) = Σ_k p_k log p_k = -H(p)`` with
-    ``p = softmax(-d(x))``, ``d_k`` the distance of the pre-logits features to
+    ``p = softmax(-d(x))``, ``d_k`` the distance of the pre-logits to
     prototype k; higher = in-distribution, so it is returned negated, as the
     entropy ``H(p)``. On a model whose head is an
     :class:`~timm_ood.training.IsoMaxHead` the logits are ``-d``, so this reads

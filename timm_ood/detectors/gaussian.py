@@ -1,4 +1,4 @@
-"""The class-conditional Gaussian mixture density of features: ``gmm``.
+"""The class-conditional Gaussian mixture density of the pre-logits: ``gmm``.
 
 One Gaussian per class, with one covariance per class or one tied covariance,
 mixed with the class frequencies. It fits in one streaming pass of float64
@@ -35,9 +35,9 @@ __all__ = ["ClassGaussianMixture"]
 
 
 class ClassGaussianMixture(Detector):
-    """Class-conditional Gaussian mixture density of the pre-logits features, higher score = lower density.
+    """Class-conditional Gaussian mixture density of the pre-logits, higher score = lower density.
 
-    One Gaussian per class fitted on labelled in-distribution features
+    One Gaussian per class fitted on labelled in-distribution pre-logits
     (maximum likelihood, float64), mixed with the class frequencies
     ``π_c = n_c / N``: ``p(z) = Σ_c π_c N(z | μ_c, Σ_c)``; score ``-log p(z)``
     (a log-sum-exp over the classes, where ``mahalanobis`` keeps only the
@@ -46,12 +46,13 @@ class ClassGaussianMixture(Detector):
     ``reg_covar``, whose default it takes).
 
     ``covariance="full"``: one covariance per class (pytorch-ood's ``GMM``),
-    ``K·D²`` floats of state, e.g. 34 GB in float64 for 1000 classes of 2048
-    features; ``"tied"``: one shared covariance (the covariance type of
-    OpenOOD's GMM postprocessor), ``D²``. OpenOOD fits its mixture by EM on
-    unlabelled, dimension-reduced features; fitting on the class labels
-    instead keeps the fit a single streaming pass of sufficient statistics
-    (an unsupervised EM mixture is the ``sklearn-gmm`` plugin detector).
+    ``K·D²`` floats of state, e.g. 34 GB in float64 for 1000 classes of
+    2048-dimensional pre-logits; ``"tied"``: one shared covariance (the
+    covariance type of OpenOOD's GMM postprocessor), ``D²``. OpenOOD fits
+    its mixture by EM on unlabelled, dimension-reduced features; fitting on
+    the class labels instead keeps the fit a single streaming pass of
+    sufficient statistics (an unsupervised EM mixture is the ``sklearn-gmm``
+    plugin detector).
 
     Args:
         covariance: ``"full"`` (per class) or ``"tied"`` (shared).
@@ -109,9 +110,9 @@ class ClassGaussianMixture(Detector):
         self.log_normalizers = (-0.5 * (log_det + dim * math.log(2 * math.pi))).expand(len(counts)).clone()
         self._statistics = None
 
-    def log_densities(self, features: torch.Tensor) -> torch.Tensor:
+    def log_densities(self, pre_logits: torch.Tensor) -> torch.Tensor:
         """``log π_c + log N(z | μ_c, Σ_c)`` for every input and class, [B, K'] float64."""
-        z = features.flatten(1).to(torch.float64)
+        z = pre_logits.flatten(1).to(torch.float64)
         means, precisions = self.means.to(torch.float64), self.precisions.to(torch.float64)
         if precisions.ndim == 2:  # tied: expand (z - μ_c)ᵀ P (z - μ_c) around the mean of the means
             center = means.mean(0)
@@ -125,8 +126,8 @@ class ClassGaussianMixture(Detector):
         return self.log_weights.to(torch.float64) + self.log_normalizers.to(torch.float64) - 0.5 * distances
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        features = outputs.pre_logits
-        return score_dtype((-torch.logsumexp(self.log_densities(features), dim=1)).to(features.dtype))
+        pre_logits = outputs.pre_logits
+        return score_dtype((-torch.logsumexp(self.log_densities(pre_logits), dim=1)).to(pre_logits.dtype))
 
 
 @hookimpl

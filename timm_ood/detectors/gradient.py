@@ -52,7 +52,7 @@ class GradNorm(Detector):
     bias, as in the authors' code); higher = in-distribution, so it is
     returned negated. Computed in closed form from the logits and the
     pre-logits (:func:`gradnorm_scores`: the paper's own analysis writes it
-    as ``S = U · V``, feature norm times logit-gradient norm), which
+    as ``S = U · V``, pre-logits norm times logit-gradient norm), which
     equals the per-sample autograd gradient. The authors' code takes the
     gradient of the cross-entropy to an all-ones target, ``K`` times this one:
     the same ranking.

@@ -1,12 +1,12 @@
 """The Mahalanobis family: class-conditional Gaussians of features with one tied covariance.
 
 - ``mahalanobis`` (Lee, Lee, Lee & Shin, NeurIPS 2018, Eq. 2-3): the distance
-  to the closest class on the pre-logits features, with optional input
+  to the closest class on the pre-logits, with optional input
   preprocessing (``epsilon > 0``);
 - ``mahalanobis-odin``: the same detector with input preprocessing switched
   on and the paper's grid of noise magnitudes;
 - ``rmd`` (Ren et al. 2021): the class-conditional distance minus the distance
-  under one background Gaussian of all features;
+  under one background Gaussian of all the pre-logits;
 - ``multi-mahalanobis``: Lee et al.'s feature ensemble, Mahalanobis scores of
   several intermediate layers combined by logistic regression.
 
@@ -210,7 +210,7 @@ def squared_mahalanobis(centered: torch.Tensor, precision: torch.Tensor,
 
 
 def _class_distances(detector: Mahalanobis | RelativeMahalanobis, centered: torch.Tensor) -> torch.Tensor:
-    """Squared distances [B, K'] of features centred on the training mean to every class of a fitted detector."""
+    """Squared distances [B, K'] of pre-logits centred on the training mean to every class of a fitted detector."""
     as64 = torch.float64
     return squared_mahalanobis(centered, detector.precision.to(as64), detector.means_precision.to(as64),
                                detector.means_norm.to(as64))
@@ -221,7 +221,7 @@ class Mahalanobis(Detector):
     """Mahalanobis distance to the closest class (Lee et al., NeurIPS 2018, Eq. 2-3).
 
     Fit: class means ``μ_c`` and one tied covariance ``Σ`` of the pre-logits
-    features ``f(x)`` of in-distribution training data (labels used). Paper
+    ``f(x)`` of in-distribution training data (labels used). Paper
     score ``M(x) = max_c -(f(x) - μ_c)ᵀ Σ⁻¹ (f(x) - μ_c)`` (higher =
     in-distribution); returned negated: the smallest squared distance.
     ``Σ⁻¹`` is the pseudo-inverse, as the authors' ``EmpiricalCovariance``.
@@ -230,7 +230,7 @@ class Mahalanobis(Detector):
     ε · sign(∇_x (f(x) - μ_ĉ)ᵀ Σ⁻¹ (f(x) - μ_ĉ)) / σ`` with ĉ the closest
     class, i.e. a step that raises ``M``; ε is in pixel units like ODIN's.
 
-    This is the single-layer detector on the pre-logits features; the
+    This is the single-layer detector on the pre-logits; the
     feature ensemble over intermediate layers is ``multi-mahalanobis``.
 
     Args:
@@ -344,10 +344,10 @@ class MahalanobisODIN(Mahalanobis):
 
 # -- rmd ---------------------------------------------------------------------------------------------
 class RelativeMahalanobis(Detector):
-    """Relative Mahalanobis distance (Ren et al. 2021, Eq. 3-4) on the pre-logits features.
+    """Relative Mahalanobis distance (Ren et al. 2021, Eq. 3-4) on the pre-logits.
 
     Fit (labels used): class means ``μ_k`` and the tied covariance ``Σ`` as
-    ``mahalanobis``, plus a background Gaussian of all training features
+    ``mahalanobis``, plus a background Gaussian of all training pre-logits
     ``N(μ_0, Σ_0)``, both maximum likelihood in float64. With
     ``MD_k(z) = (z - μ_k)ᵀ Σ⁻¹ (z - μ_k)`` and ``MD_0(z) = (z - μ_0)ᵀ Σ_0⁻¹ (z - μ_0)``,
     ``RMD_k(z) = MD_k(z) - MD_0(z)`` and the paper's confidence is
@@ -391,10 +391,10 @@ class RelativeMahalanobis(Detector):
         self._statistics = None
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        features = outputs.pre_logits
-        centered = features.flatten(1).to(torch.float64) - self.feature_mean.to(torch.float64)
+        pre_logits = outputs.pre_logits
+        centered = pre_logits.flatten(1).to(torch.float64) - self.feature_mean.to(torch.float64)
         background = ((centered @ self.background_precision.to(torch.float64)) * centered).sum(1)
-        return score_dtype((_class_distances(self, centered).amin(dim=1) - background).to(features.dtype))
+        return score_dtype((_class_distances(self, centered).amin(dim=1) - background).to(pre_logits.dtype))
 
 
 # -- multi-mahalanobis ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Nearest-neighbour detectors over a bank of training features: ``knn`` and ``nnguide``.
+"""Nearest-neighbour detectors over a bank of training pre-logits: ``knn`` and ``nnguide``.
 
 **The bank.** The fit keeps one row per training image (the methods need them
 all): the buffer ``bank`` [N, D], stored in ``bank_dtype`` on the model's
@@ -398,7 +398,7 @@ class _FeatureBankDetector(Detector):
 class KNN(_FeatureBankDetector):
     """Deep nearest neighbours (Sun, Ming, Zhu & Li, ICML 2022, Sec. 3): the k-th neighbour's distance.
 
-    Fit (no labels): the bank of L2-normalised pre-logits features
+    Fit (no labels): the bank of L2-normalised pre-logits
     ``z_i = f(x_i) / ‖f(x_i)‖`` of the in-distribution training images. Paper
     score ``-‖z - z_(k)‖₂`` for ``z = f(x) / ‖f(x)‖`` and its k-th nearest bank
     row (higher = in-distribution); returned negated, the distance itself,
@@ -445,7 +445,7 @@ class NNGuide(_FeatureBankDetector):
     """Nearest neighbour guidance (Park, Jung & Teoh, ICCV 2023): energy scaled by the similarity to a bank.
 
     Fit (no labels): the bank ``{E(x_i) ẑ_i}`` of the training images'
-    L2-normalised pre-logits features ``ẑ_i`` scaled by their confidence, the
+    L2-normalised pre-logits ``ẑ_i`` scaled by their confidence, the
     energy ``E(x) = log Σ_j exp(l_j(x))`` of the logits. Guidance ``G(x)``: the
     mean of the k largest inner products of ``ẑ(x)`` with the bank. Paper score
     ``E(x) · G(x)`` (higher = in-distribution); returned negated.
@@ -484,8 +484,8 @@ class NNGuide(_FeatureBankDetector):
         return torch.logsumexp(score_dtype(outputs.logits), dim=1)
 
     def bank_rows(self, outputs: Outputs) -> torch.Tensor:
-        features = F.normalize(score_dtype(outputs.pre_logits.flatten(1)), dim=1)
-        return features * self._energy(outputs)[:, None]
+        pre_logits = F.normalize(score_dtype(outputs.pre_logits.flatten(1)), dim=1)
+        return pre_logits * self._energy(outputs)[:, None]
 
     def score(self, outputs: Outputs) -> torch.Tensor:
         queries = F.normalize(score_dtype(outputs.pre_logits.flatten(1)), dim=1)

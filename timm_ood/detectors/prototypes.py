@@ -1,6 +1,6 @@
 """Detectors built on class prototypes: the mean activation of the correctly classified training images.
 
-- ``she``: Simplified Hopfield Energy, the inner product of the features with
+- ``she``: Simplified Hopfield Energy, the inner product of the pre-logits with
   the stored pattern of the predicted class;
 - ``openmax``: OpenMax, per-class Weibull models of the distances to the mean
   activation vectors, recalibrating the logits with an "unknown" class.
@@ -70,8 +70,8 @@ class SHE(Detector):
     """Simplified Hopfield Energy (Zhang et al., ICLR 2023).
 
     Fit (labels used): the stored pattern ``S_c`` of each class, the mean
-    pre-logits features of the training images of class c that the model
-    classifies correctly. Paper score: ``ξᵀ S_ŷ`` for the features ``ξ`` of an
+    pre-logits of the training images of class c that the model
+    classifies correctly. Paper score: ``ξᵀ S_ŷ`` for the pre-logits ``ξ`` of an
     input and its predicted class ŷ (the negated simplified Hopfield energy;
     higher = in-distribution); returned negated, ``-ξᵀ S_ŷ``. No
     hyperparameters. A class with no correctly classified fit image stores a
@@ -100,9 +100,9 @@ class SHE(Detector):
         self._means = None
 
     def score(self, outputs: Outputs) -> torch.Tensor:
-        features = outputs.pre_logits.flatten(1)
-        patterns = self.patterns.to(features.dtype)[outputs.logits.argmax(dim=1)]
-        return -score_dtype((features * patterns).sum(dim=1))
+        pre_logits = outputs.pre_logits.flatten(1)
+        patterns = self.patterns.to(pre_logits.dtype)[outputs.logits.argmax(dim=1)]
+        return -score_dtype((pre_logits * patterns).sum(dim=1))
 
 
 #: libMR's ``translate_amount``: ``FitHigh`` shifts the tail so that its smallest value lands here.

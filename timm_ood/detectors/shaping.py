@@ -435,12 +435,12 @@ class DICE(Detector):
         self._sum = self._count = None
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        features = outputs.pre_logits.detach().to(torch.float64)
+        pre_logits = outputs.pre_logits.detach().to(torch.float64)
         if self._sum is None:
-            self._sum = features.new_zeros(features.shape[1])
-            self._count = features.new_zeros(())
-        self._sum += features.sum(dim=0)
-        self._count += features.shape[0]
+            self._sum = pre_logits.new_zeros(pre_logits.shape[1])
+            self._count = pre_logits.new_zeros(())
+        self._sum += pre_logits.sum(dim=0)
+        self._count += pre_logits.shape[0]
 
     def finish_fit(self) -> None:
         if self._sum is None:

@@ -1,7 +1,7 @@
 """GReg+'s energy-based sampling of auxiliary outliers (Sharifi et al., ECCV 2024, Sec. 4.2, Algorithm 1).
 
 Each training step, a pool of candidate auxiliary images is embedded by the
-current model (eval mode, no gradient) as L2-normalised pre-logits features,
+current model (eval mode, no gradient) as L2-normalised pre-logits,
 clustered by k-means with k = the ID batch size, and from every cluster the
 lowest-energy candidate (useful to the energy hinge ``L_S``) and the
 highest-energy one (useful to the gradient penalty ``L_∇S``) are kept: 2k
@@ -42,7 +42,7 @@ def kmeans(points: torch.Tensor, k: int, *, iterations: int = 10, generator: tor
     that loses all its points keeps its centroid.
 
     Args:
-        points: [N, D] (GReg+ passes unit-norm features).
+        points: [N, D] (GReg+ passes unit-norm pre-logits).
         k: number of clusters, 1 <= k <= N.
         iterations: at most this many assignment/update rounds (>= 1).
         generator: a CPU generator for the initial draw (seeded runs).
@@ -180,9 +180,9 @@ class EnergyClusterSampler:
     def next_batch(self, model: nn.Module, id_batch_size: int) -> torch.Tensor:
         pool = self._draw(model, round(self.pool_ratio * id_batch_size), id_batch_size)
         start = time.perf_counter()
-        features, energies = self.embed(model, pool)
+        pre_logits, energies = self.embed(model, pool)
         middle = time.perf_counter()
-        picks = self.select(features, energies, k=id_batch_size)
+        picks = self.select(pre_logits, energies, k=id_batch_size)
         self.timings.steps += 1
         self.timings.embed_seconds += middle - start
         self.timings.kmeans_seconds += time.perf_counter() - middle
@@ -190,25 +190,25 @@ class EnergyClusterSampler:
 
     @torch.no_grad()
     def embed(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised pre-logits features [N, D] and energies [N] of ``images``, in eval mode, without gradient."""
+        """L2-normalised pre-logits [N, D] and energies [N] of ``images``, in eval mode, without gradient."""
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise IncompatibleModelError(f"GReg+ sampling embeds candidates with timm's forward_features / "
                                          f"forward_head(pre_logits=True), which {type(model).__name__} lacks")
-        device, features, energies = model_device(model), [], []
+        device, pre_logits, energies = model_device(model), [], []
         with eval_mode(model):
             for chunk in images.split(self.embed_batch_size):
                 maps = model.forward_features(chunk.to(device))
-                features.append(F.normalize(model.forward_head(maps, pre_logits=True).flatten(1), dim=1))
+                pre_logits.append(F.normalize(model.forward_head(maps, pre_logits=True).flatten(1), dim=1))
                 energies.append(energy_score(model.forward_head(maps)))
-        return torch.cat(features), torch.cat(energies)
+        return torch.cat(pre_logits), torch.cat(energies)
 
-    def select(self, features: torch.Tensor, energies: torch.Tensor, k: int) -> torch.Tensor:
+    def select(self, pre_logits: torch.Tensor, energies: torch.Tensor, k: int) -> torch.Tensor:
         """Indices of the step's 2k outliers among the candidates: per-cluster extremes, then a random fill."""
-        assignments = kmeans(features, k, iterations=self.kmeans_iterations, generator=self.generator)
+        assignments = kmeans(pre_logits, k, iterations=self.kmeans_iterations, generator=self.generator)
         picks = cluster_energy_extremes(assignments, energies)
-        shortfall = min(2 * k, len(features)) - len(picks)
+        shortfall = min(2 * k, len(pre_logits)) - len(picks)
         if shortfall > 0:
-            unpicked = torch.ones(len(features), dtype=torch.bool, device=picks.device)
+            unpicked = torch.ones(len(pre_logits), dtype=torch.bool, device=picks.device)
             unpicked[picks] = False
             rest = unpicked.nonzero().squeeze(1)
             picks = torch.cat([picks, rest[torch.randperm(len(rest), generator=self.generator)[:shortfall]
