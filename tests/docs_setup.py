@@ -13,22 +13,18 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
+
+from .test_data_arguments import write_folder
 
 COMMIT = "0" * 40
 
 
 def image_folders(root: str | Path = ".", side: int = 64) -> None:
     """``./train_folder``, ``./val_folder`` (two classes each) and ``./dtd`` (a flat folder) of random RGB images."""
-    rng = np.random.default_rng(0)
-    layout = {"train_folder": ("n01440764", "n01443537"), "val_folder": ("n01440764", "n01443537"), "dtd": ("",)}
-    for folder, classes in layout.items():
-        for name in classes:
-            target = Path(root) / folder / name
-            target.mkdir(parents=True, exist_ok=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(target / f"{i}.png")
+    classes = ("n01440764", "n01443537")
+    for folder, folder_classes in (("train_folder", classes), ("val_folder", classes), ("dtd", ())):
+        write_folder(Path(root) / folder, (), folder_classes, 4, side)
 
 
 def cached_pretrained(monkeypatch, cache: Path, *names: str) -> None:
@@ -67,16 +63,8 @@ def local_copies(root: str | Path = ".") -> None:
     import datasets
 
     root = Path(root)
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for name in ("airplane", "cat"):
-            folder = root / "cifar10" / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (root / "LSUN").mkdir(exist_ok=True)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "LSUN" / f"{i}.jpg")
+    write_folder(root / "cifar10", ("train", "test"), ("airplane", "cat"), 3, 32)
+    write_folder(root / "LSUN", (), (), 4, 32)
     cifar100 = datasets.Dataset.from_dict(
         {"img": _pngs(6, 32, 2), "fine_label": list(range(6)), "coarse_label": [0] * 6},
         features=datasets.Features({"img": datasets.Image(), "fine_label": datasets.Value("int64"),

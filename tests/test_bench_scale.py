@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+from ._benchmarks import benchmark_module
 
 
-@functools.cache
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_scale", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("bench_scale")
 
 
 def test_chunks_are_the_same_in_every_process_and_the_tap_reads_a_real_linear_head() -> None:

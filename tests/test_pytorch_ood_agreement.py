@@ -15,9 +15,6 @@ correlation is 1 up to float ties (> 0.999).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -27,18 +24,14 @@ import timm_ood
 from timm_ood.metrics import ood_metrics
 from timm_ood.testing import conformance_data, conformance_model
 
+from ._benchmarks import benchmark_module
+
 pytest.importorskip("pytorch_ood")
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_detectors.py"
 
 
-@functools.cache
 def harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_detectors", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("bench_detectors")
 
 
 SAME_DEFINITION = [name for name, counterpart in harness().COUNTERPARTS.items() if counterpart.differs is None]

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_methods.py"
+from ._benchmarks import benchmark_module
+
 SETS = ["digits", "natural-crop", "natural-resize", "glyphs", "gaussian"]
 
 
-@functools.cache
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_methods", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("train_methods")
 
 
 def record(fpr: dict[str, dict[str, float]], *, accuracy: float = 0.9, ece: float = 0.05,

@@ -211,15 +211,12 @@ def _own_data(args: argparse.Namespace) -> bool:
     return bool(args.id_test or args.ood or args.id_train)
 
 
-def _source_params(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """``--source-path NAME=PATH``: read a benchmark's source from a local copy."""
-    params: dict[str, dict[str, str]] = {}
-    for text in args.source_path or []:
-        name, equals, path = text.partition("=")
-        if not equals or not name.strip() or not path.strip():
-            raise ValueError(f"--source-path {text!r}: expected SOURCE=PATH, e.g. --source-path textures=./dtd")
-        params[name.strip()] = {"path": path.strip()}
-    return params
+def _source_paths(args: argparse.Namespace) -> dict[str, str]:
+    """``--source-path SOURCE=PATH``: registered sources read from local copies, by name."""
+    from timm_ood.data.arguments import split_named
+
+    return dict(split_named(text, "--source-path", "SOURCE=PATH", "--source-path textures=./dtd")
+                for text in args.source_path or [])
 
 
 def _benchmark(args: argparse.Namespace):
@@ -227,8 +224,8 @@ def _benchmark(args: argparse.Namespace):
     from timm_ood.data import load_benchmark
 
     name = args.benchmark or "fashion-mnist"
-    params = _source_params(args)
-    return load_benchmark(name, source_params=params) if params else name
+    paths = _source_paths(args)
+    return load_benchmark(name, source_params={n: {"path": p} for n, p in paths.items()}) if paths else name
 
 
 # -- eval -------------------------------------------------------------------
@@ -253,7 +250,7 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
         duplicates = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
         if duplicates:
             raise ValueError(f"--ood names {', '.join(duplicates)} twice; give each OOD set its own name")
-        paths = {name: params["path"] for name, params in _source_params(args).items()}
+        paths = _source_paths(args)
         id_test = parse_data_argument(args.id_test)  # every argument checked before the model is made
         id_train = None if args.id_train is None else parse_data_argument(args.id_train)
         model = _load_model(args)
@@ -307,7 +304,7 @@ def _fit(args: argparse.Namespace) -> None:
     from timm_ood.data.arguments import parse_data_argument
     from timm_ood.distributed import is_main_process
 
-    paths = {name: params["path"] for name, params in _source_params(args).items()}
+    paths = _source_paths(args)
     id_train = parse_data_argument(args.id_train)  # checked before the model is made
     id_val = None if args.id_val is None else parse_data_argument(args.id_val)
     if args.checkpoint is None and args.model is not None:

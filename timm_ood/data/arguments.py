@@ -35,7 +35,7 @@ from .sources import check_image_dataset, get_source, list_sources, load_source
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["DataArgument", "load_data", "parse_data_argument", "parse_named_data_argument"]
+__all__ = ["DataArgument", "load_data", "parse_data_argument", "parse_named_data_argument", "split_named"]
 
 Role = Literal["train", "test", "ood"]
 #: the split read when a data argument names none
@@ -99,18 +99,26 @@ def parse_data_argument(text: str) -> DataArgument:
     )
 
 
+def split_named(text: str, option: str, form: str, example: str) -> tuple[str, str]:
+    """``"NAME=VALUE"`` -> ``(name, value)``, both stripped, for options such as ``--ood`` and ``--source-path``.
+
+    Raises:
+        ValueError: no ``=``, or an empty side; the message names ``option``, its ``form`` and an ``example``.
+    """
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip() or not value.strip():
+        raise ValueError(f"{option} {text!r}: expected {form}, e.g. {example}")
+    return name.strip(), value.strip()
+
+
 def parse_named_data_argument(text: str) -> tuple[str, DataArgument]:
     """``"textures=./dtd"`` -> ``("textures", <path ./dtd>)``: a named set, as ``--ood`` takes it.
 
     Raises:
         ValueError: no ``=``, or an empty name.
     """
-    name, equals, value = text.partition("=")
-    name = name.strip()
-    if not equals or not name or not value.strip():
-        raise ValueError(
-            f"--ood {text!r}: expected NAME=DATA, e.g. --ood textures=./dtd or --ood my-outliers=my-org/outliers:test"
-        )
+    name, value = split_named(text, "--ood", "NAME=DATA",
+                              "--ood textures=./dtd or --ood my-outliers=my-org/outliers:test")
     return name, parse_data_argument(value)
 
 

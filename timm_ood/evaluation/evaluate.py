@@ -116,27 +116,29 @@ def all_detectors(tap: Tap) -> list[Detector]:
     return made
 
 
-def _calibration_error(scored: Any, set_name: str) -> float | None:
-    """Top-1 ECE on the labelled images of a set (Lee et al.'s calibration claim); None without logits or labels."""
-    from ..metrics import expected_calibration_error
-
-    if set_name not in scored.confidences or set_name not in scored.labels:
-        return None
-    labelled = scored.labels[set_name] >= 0
-    if not bool(labelled.any()):
-        return None
-    correct = scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]
-    return float(expected_calibration_error(scored.confidences[set_name][labelled], correct))
-
-
-def _accuracy(scored: Any, set_name: str) -> float | None:
-    """Top-1 accuracy on the labelled images of a set (labels >= 0); None without logits or labels."""
+def _top1(scored: Any, set_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The labelled images' (correct, confidence) of a set (labels >= 0); None without logits or labels."""
     if set_name not in scored.predictions or set_name not in scored.labels:
         return None
     labelled = scored.labels[set_name] >= 0
     if not bool(labelled.any()):
         return None
-    return float((scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]).double().mean())
+    correct = scored.predictions[set_name][labelled] == scored.labels[set_name][labelled]
+    return correct, scored.confidences[set_name][labelled]
+
+
+def _accuracy(scored: Any, set_name: str) -> float | None:
+    """Top-1 accuracy on the labelled images of a set; None without logits or labels."""
+    top1 = _top1(scored, set_name)
+    return None if top1 is None else float(top1[0].double().mean())
+
+
+def _calibration_error(scored: Any, set_name: str) -> float | None:
+    """Top-1 ECE on the labelled images of a set (Lee et al.'s calibration claim); None without logits or labels."""
+    from ..metrics import expected_calibration_error
+
+    top1 = _top1(scored, set_name)
+    return None if top1 is None else float(expected_calibration_error(top1[1], top1[0]))
 
 
 #: ID accuracy at or below this many times chance (1 / the ID test set's class count) draws a warning
