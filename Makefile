@@ -32,8 +32,9 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict    # the site in site/; `mkdocs serve` to browse it while editing
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff
+	$(PY) -m pip install --quiet ruff "mypy>=1.10"
 	$(PY) -m ruff check timm_ood tests benchmarks plugins
+	$(PY) -m mypy timm_ood    # settings in pyproject.toml [tool.mypy]
 
 clean-venv:
 	rm -rf $(VENV)

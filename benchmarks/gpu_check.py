@@ -81,8 +81,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results" / "gpu_check.md"
 
 #: step 1 on CUDA: the kit's device check of every detector, and the tests whose kit runs include it
-CUDA_TESTS = ["tests/test_conformance.py", "tests/test_detectors_gradient_sampling.py",
-              "tests/test_sigmoid_bottleneck.py", "tests/test_detectors_logits_shaping.py"]
+CUDA_TESTS = ["tests/test_conformance.py", "tests/detectors/test_sampling.py",
+              "tests/training/test_sigmoid_bottleneck.py", "tests/detectors/test_shaping.py"]
 CUDA_SELECTION = ("check_follows_cuda or test_checks_are_selected_from_the_declared_requirements"
                   " or test_detectors_pass_the_conformance_kit_with_their_head"
                   " or test_rankfeat_passes_the_kit_on_a_cnn_with_2x2_maps")

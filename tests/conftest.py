@@ -19,7 +19,7 @@ def pytest_configure(config) -> None:
         threadpool_limits(1)
 
 
-# -- data tests (tests/test_data_*.py) ---------------------------------------
+# -- data tests (tests/data/test_*.py) ---------------------------------------
 #: With ``TIMM_OOD_REQUIRE_DATA=1`` (as CI sets it) a test that needs absent data fails instead of skipping.
 REQUIRE_DATA_ENV = "TIMM_OOD_REQUIRE_DATA"
 

@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from .test_data_arguments import write_folder
+from .data.test_arguments import write_folder
 
 COMMIT = "0" * 40
 
@@ -82,7 +82,7 @@ def openood_root(monkeypatch, root: Path) -> None:
     """A small OpenOOD data root for ImageNet-1K (its lists and 224-px images), as ``TIMM_OOD_OPENOOD_DIR``."""
     from timm_ood.data.openood import OPENOOD_DIR_ENV
 
-    from .test_data_openood import _IMAGENET_LISTS, _write_root
+    from .data.test_openood import _IMAGENET_LISTS, _write_root
 
     _write_root(root, _IMAGENET_LISTS, 224)
     monkeypatch.setenv(OPENOOD_DIR_ENV, str(root))

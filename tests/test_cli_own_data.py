@@ -19,7 +19,7 @@ import timm_ood
 from timm_ood.cli import main
 from timm_ood.data import load_data, make_loader
 
-from .test_data_arguments import cifar_like_parquet, write_folder
+from .data.test_arguments import cifar_like_parquet, write_folder
 
 pytestmark = pytest.mark.usefixtures("data_cache_dir", "data_hub_offline")
 

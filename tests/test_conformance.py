@@ -33,10 +33,10 @@ from .test_registry import install_distribution
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: Built-ins that refuse the kit's plain models (mc-dropout needs dropout layers, deep-ensemble an
-#: ensemble of models): tests/test_detectors_gradient_sampling.py runs the kit on such models instead.
+#: ensemble of models): tests/detectors/test_sampling.py runs the kit on such models instead.
 OWN_MODELS = {"mc-dropout", "deep-ensemble"}
 #: Built-ins that read a head installed by training.replace_head (BIN/BINC sigmoids, VIB/VIBY bottlenecks) and
-#: refuse a linear head: tests/test_sigmoid_bottleneck.py runs the kit on models with those heads.
+#: refuse a linear head: tests/training/test_sigmoid_bottleneck.py runs the kit on models with those heads.
 OWN_MODELS |= {"bin", "vib", "viby-1", "viby-2"}
 BUILTINS = [
     name for name, distribution in timm_ood.list_detectors(with_distribution=True).items()
@@ -44,7 +44,7 @@ BUILTINS = [
 ]
 
 _MAP_IS_1X1 = ("the kit's 32 px images give this architecture a 1 x 1 final feature map, which is all rank 1: "
-               "rankfeat refuses it with IncompatibleModelError; tests/test_detectors_logits_shaping.py runs "
+               "rankfeat refuses it with IncompatibleModelError; tests/detectors/test_shaping.py runs "
                "the kit on a ResNet with 2 x 2 maps")
 _SCORING_CHECKS = ("check_declared_outputs_suffice", "check_score_shape_and_dtype", "check_scores_without_fit",
                    "check_higher_is_more_ood", "check_deterministic", "check_batch_size_invariance",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
 
 from ._benchmarks import benchmark_module
@@ -69,3 +70,53 @@ def test_the_report_gives_mean_and_sd_over_seeds_and_states_the_rule():
     report = bench().render(state)
     assert "Seeds: 0, 1, 2" in report and "**Verdict rule.**" in report and "Unseen means unseen" in report
     assert "60.0 ± 10.0" in report  # the average FPR of the three seeds: 50, 60, 70
+
+
+def test_variants_are_reported_apart_and_judged_against_their_base():
+    """GReg+ against GReg with as many (random) outliers: the paper's own comparison, a variant row of its own."""
+    runs = {str(seed): {
+        "greg": record({"energy": flat(0.30 + seed / 100)}, uses_ood_data="auxiliary photos"),
+        "greg-plus": record({"energy": flat(0.20 + seed / 100)}, uses_ood_data="auxiliary photos"),
+        "greg-2x": {**record({"energy": flat(0.10 + seed / 50)}, uses_ood_data="auxiliary photos"),
+                    "title": "GReg, 2 random outliers per ID image", "variant_of": "greg"},
+    } for seed in range(3)}
+    rows = bench().check_claims(runs)
+    assert verdict(rows, "GReg+ sampling helps")[2] == "**held**"
+    equal = verdict(rows, "GReg+'s clustered picks beat as many random outliers")
+    assert equal[2] == "**not held**" and "lower mean FPR on 0 of 3 judged sets" in equal[4]
+    state = {"recipe": {"outlier_images": 10}, "runs": runs, "commands": ["c"], "machine": "test"}
+    report = bench().render(state)
+    variants = report.index("## Each paper's own recipe, and sweeps")
+    assert report.index("GReg, 2 random outliers per ID image") > variants > report.index("## Summary")
+
+
+def test_gradient_norms_and_bottleneck_terms_make_tables_and_a_figure(tmp_path):
+    norms = [{"id": [1.0, 2.0, 3.0], "auxiliary": [1.0, 0.5, 0.25]}, {"id": [1.2, 2.2, 3.2], "auxiliary": [1, 0.6, 0.3]}]
+    per_set = {name: {"kl": kl, "kl_mean_term": kl - 1, "kl_variance_term": 1.0, "pre_logits_norm": 2.0,
+                      "posterior_mean_norm": 1.0} for name, kl in (("id", 10.0), ("digits", 4.0))}
+    runs = {str(seed): {
+        "greg": {**record({"energy": flat(0.3)}), "measurements": {"gradient_norms": norms[seed]}},
+        "viby": {**record({"viby-2": flat(0.5)}), "measurements": {"bottleneck": {"per_set": per_set,
+                                                                                  "prior_separation": 3.0}}},
+    } for seed in range(2)}
+    report = bench().render({"recipe": {"outlier_images": 10}, "runs": runs, "commands": ["c"], "machine": "m"},
+                            figures=tmp_path)
+    lines = report.splitlines()
+    assert "| t | ID | 1.10 ± 0.14 | 2.10 ± 0.14 | 3.10 ± 0.14 |" in lines
+    assert "| t | digits | 4.00 ± 0.00 | 3.00 ± 0.00 | 1.00 ± 0.00 | 2.00 ± 0.00 | 2 of 2 |" in lines
+    assert (tmp_path / "training_methods_gradient_norms.png").stat().st_size > 10_000
+    for line in lines:  # every table row has as many cells as its header: no stray '|' in a cell
+        if line.startswith("| ---"):
+            header = lines[lines.index(line) - 1]
+            assert line.count("|") == header.count("|"), header
+
+
+def test_runs_saved_by_separate_processes_are_merged_not_overwritten(tmp_path):
+    module = bench()
+    out = tmp_path / "report.md"
+    base = module.FAST_RECIPE
+    for seed in (0, 1):  # each call reads the record from disk, as a second process would
+        module.save_run(out, base, seed, "ce", record({"msp": flat(0.5 + seed / 10)}), f"run seed {seed}")
+    state = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(state["runs"]) == ["0", "1"] and state["commands"] == ["run seed 0", "run seed 1"]
+    assert "Seeds: 0, 1." in out.read_text()

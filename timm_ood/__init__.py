@@ -35,9 +35,11 @@ from .errors import (
 from .evaluation import evaluate, tune
 from .hookspecs import hookimpl
 from .model import OODModel, create_model, wrap
-from .pretrained import from_pretrained
 from .registry import register_plugin, reload_plugins
 from .tap import Need, Outputs, Tap
+
+#: ``timm_ood.from_pretrained(repo_id_or_path, ...)``: :meth:`OODModel.from_pretrained`
+from_pretrained = OODModel.from_pretrained
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time they are imported on first access
     from . import data, training

@@ -71,7 +71,7 @@ def numerics_environment() -> dict[str, Any]:
 
 
 def _first_tensor(module: nn.Module) -> torch.Tensor | None:
-    tensor = next(module.parameters(), None)
+    tensor: torch.Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next((b for b in module.buffers() if b is not None), None)
     return tensor

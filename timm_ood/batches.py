@@ -159,8 +159,8 @@ def check_class_labels(
         )
     if labels.numel() == 0:
         return labels
-    low, high = torch.aminmax(labels)
-    low, high = int(low), int(high)
+    extremes = torch.aminmax(labels)
+    low, high = int(extremes.min), int(extremes.max)
     if low < 0:
         negative = labels[labels < 0]
         values = _listed(negative)

@@ -438,7 +438,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     whose help says in words what happens without it (``default: ...``).
     """
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if "default" in text or action.default is None or action.default is False:
             return text
@@ -454,7 +454,7 @@ class _Parser(argparse.ArgumentParser):
 
     commands: dict[str, argparse.ArgumentParser]
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             command = getattr(parsed, "command", None)

@@ -61,7 +61,7 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _in_place(tensor: torch.Tensor, op: dist.ReduceOp) -> None:
+def _in_place(tensor: torch.Tensor, op: dist.ReduceOp | dist.ReduceOp.RedOpType) -> None:
     device = collective_device()
     if tensor.device == device:
         dist.all_reduce(tensor, op=op)

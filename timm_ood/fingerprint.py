@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import IncompatibleModelError
-from .model_info import input_channels
+from .model_info import input_channels, timm_api
 from .tap import inspect_head
 
 __all__ = [
@@ -148,14 +148,15 @@ def _digest(named: Sequence[tuple[str, torch.Tensor]], precision: str, length: i
             t = t.to(device="cpu", dtype=dtype) if t.is_floating_point() else t.cpu()
             hasher.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             if t.numel():
-                hasher.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only
+                hasher.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     return hasher.hexdigest()[:length]
 
 
 def _classifier_modules(model: nn.Module) -> list[nn.Module]:
     if not hasattr(model, "get_classifier"):
         return []
-    head = model.get_classifier()
+    head = timm_api(model).get_classifier()
     heads = list(head) if isinstance(head, (tuple, list)) else [head]
     return [h for h in heads if isinstance(h, nn.Module) and not isinstance(h, nn.Identity)]
 

@@ -61,7 +61,7 @@ def fit_detectors(
     times = FitTimes(detector_seconds=[0.0] * len(detectors))
     to_fit = [(i, d) for i, d in enumerate(detectors) if d.requirements.fit]
     fingerprint = getattr(data, "fingerprint", None) if store is not None else None
-    if fingerprint is not None:  # a fit of this model, data, hyperparameters and code is stored: load it
+    if store is not None and fingerprint is not None:  # stored fits of this model, data, hyperparameters, code: loaded
         loaded = [(i, d) for i, d in to_fit if store.load_fitted(d, fingerprint)]
         to_fit = [(i, d) for i, d in to_fit if (i, d) not in loaded]
     if not to_fit:
@@ -86,7 +86,7 @@ def fit_detectors(
                 detector.finish_fit()
                 detector.is_fitted = True
                 detector.record_fingerprint(tap.model)  # what the state describes (timm_ood.fingerprint)
-                if fingerprint is not None:
+                if store is not None and fingerprint is not None:
                     store.save_fitted(detector, fingerprint)
             times.detector_seconds[index] += time.perf_counter() - start
     return times
@@ -164,7 +164,7 @@ def fit_held_out(
     for detector in stepping:
         detector.reset_held_out()
     sets = [(id_data, False, stepping)]
-    if needing_ood:
+    if needing_ood and ood_data is not None:  # refused above when None
         sets.append((ood_data, True, [d for d in stepping if d.requirements.held_out == "id+ood"]))
     for data, is_ood, readers in sets:
         if not readers:

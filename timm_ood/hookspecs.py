@@ -39,6 +39,7 @@ def timm_ood_detectors() -> Sequence[type[Detector]]:
     that name; a name that another plugin already registers is an error
     naming both distributions.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
 
 @hookspec
@@ -52,6 +53,7 @@ def timm_ood_sources() -> Sequence[SourceSpec]:
     ``description``, ``provenance`` and ``licence`` are shown to users. A name
     that another plugin already registers is an error naming both distributions.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
 
 @hookspec
@@ -64,3 +66,4 @@ def timm_ood_benchmarks() -> Sequence[BenchmarkSpec]:
     images. A name that another plugin already registers is an error naming
     both distributions.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations

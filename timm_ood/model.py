@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from .detectors.base import Detector
 from .errors import NotFittedError
 from .fitting import fit_detectors, fit_held_out
 from .passes import score_batch
+from .pretrained import HubMixin
 from .scoring import score_sets
 from .serialization import load_detector, save_detector
 from .store import BoundStore, FeatureStore, as_store
@@ -36,7 +36,7 @@ __all__ = ["OODModel", "create_model", "wrap"]
 THRESHOLD_TPR_METADATA = "timm_ood.threshold_tpr"
 
 
-class OODModel(nn.Module):
+class OODModel(HubMixin, nn.Module):
     """A timm model plus one detector; behaves like the timm model everywhere else.
 
     ``forward`` is the timm model's forward. Attribute access falls through to
@@ -53,6 +53,9 @@ class OODModel(nn.Module):
             detectors).
         detector: the detector instance.
     """
+
+    #: the calibrated score threshold (a buffer; None until :meth:`calibrate` or a load sets it)
+    threshold: torch.Tensor | None
 
     def __init__(self, model: nn.Module, detector: Detector) -> None:
         super().__init__()
@@ -261,26 +264,6 @@ class OODModel(nn.Module):
         tpr = metadata.get(THRESHOLD_TPR_METADATA) if self.threshold is not None else None
         self.threshold_tpr = None if tpr is None else float(tpr)
         return self
-
-    # -- the Hugging Face Hub (timm_ood.pretrained) ----------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, results: Any = None) -> Path:
-        """Write the detector, a config and a model card into a folder (:func:`timm_ood.pretrained.save_pretrained`)."""
-        from .pretrained import save_pretrained
-
-        return save_pretrained(self, save_directory, results=results)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload :meth:`save_pretrained`'s folder to a Hub repo (:func:`timm_ood.pretrained.push_to_hub`)."""
-        from .pretrained import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, **kwargs: Any) -> OODModel:
-        """The timm model and fitted detector of a folder or Hub repo (:func:`timm_ood.pretrained.from_pretrained`)."""
-        from .pretrained import from_pretrained
-
-        return from_pretrained(repo_id_or_path, **kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, then the detector's fitted state is checked against the model.

@@ -10,14 +10,36 @@ normalisation the images really went through.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, SupportsInt, cast
 
 import torch
 from torch import nn
 
 from .errors import IncompatibleModelError
 
-__all__ = ["data_config", "input_channels", "normalisation"]
+__all__ = ["TimmModel", "data_config", "input_channels", "normalisation", "timm_api"]
+
+
+class TimmModel(Protocol):
+    """The methods of timm's model contract that timm-ood calls (every timm model has them).
+
+    ``nn.Module`` types its unknown attributes as tensors or submodules, so a
+    type checker cannot see these methods on a model typed ``nn.Module``:
+    :func:`timm_api` gives the model this type where the contract is checked or required.
+    """
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
+
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]: ...
+
+
+def timm_api(model: nn.Module) -> TimmModel:
+    """``model`` typed as a timm model (:class:`TimmModel`); a no-op at run time, nothing is checked."""
+    return cast(TimmModel, model)
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
@@ -51,7 +73,7 @@ def input_channels(model: nn.Module) -> int:
             "convolution and its pretrained_cfg names no 'first_conv'. Set "
             "model.pretrained_cfg['first_conv'] to the name of its stem layer."
         )
-    return int(conv.in_channels)
+    return int(cast(SupportsInt, conv.in_channels))  # an int attribute, which nn.Module types as Tensor | Module
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str, model: nn.Module) -> tuple:

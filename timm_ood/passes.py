@@ -23,8 +23,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from .batches import check_images, iter_batches
 from .distributed import all_reduce_max, all_reduce_sum, world
 from .store import BoundStore, StoreEntry, StoreWriter
 from .tap import Need, Outputs, Tap
+
+if TYPE_CHECKING:
+    from .detectors.base import Detector
 
 __all__ = ["PassStats", "run_pass", "score_batch", "shard"]
 
@@ -75,13 +79,16 @@ class _Strided:
         return itertools.islice(iter(self.data), self.rank, None, self.size)
 
     def __len__(self) -> int:
-        return max(0, math.ceil((len(self.data) - self.rank) / self.size))  # type: ignore[arg-type]
+        if not isinstance(self.data, Sized):  # the error len(self.data) raises
+            raise TypeError(f"object of type {type(self.data).__name__!r} has no len()")
+        return max(0, math.ceil((len(self.data) - self.rank) / self.size))
 
 
 def _already_sharded(data: Iterable) -> bool:
     if not isinstance(data, DataLoader):
         return False
-    sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+    # a BatchSampler keeps the sampler it batches; a custom batch sampler may have none
+    sampler = getattr(data.batch_sampler, "sampler", None) if data.batch_sampler is not None else data.sampler
     return isinstance(sampler, DistributedSampler) or isinstance(data.sampler, DistributedSampler)
 
 
@@ -140,7 +147,8 @@ def _moved(outputs: Outputs, device: torch.device, dtype: torch.dtype) -> Output
 
     maps = outputs._intermediates
     return Outputs(None, outputs.tap, logits=move(outputs._logits), pre_logits=move(outputs._pre_logits),
-                   features=move(outputs._features), intermediates=None if maps is None else [move(m) for m in maps])
+                   features=move(outputs._features),
+                   intermediates=None if maps is None else [m.to(device=device, non_blocking=True) for m in maps])
 
 
 def _empty_from_model(tap: Tap, needs: frozenset[Need], shape: Sequence[int]) -> tuple[Outputs, torch.Tensor]:
@@ -170,6 +178,8 @@ def _open_store(
     usable = store is not None and not gradients and bool(needs) and fingerprint is not None and total is not None
     if all_reduce_max(torch.tensor(0 if usable else 1)).item():
         return None, None, needs
+    # usable on every rank, so on this one
+    assert store is not None and fingerprint is not None and total is not None
     key = store.key  # read now: autocast changes it
     entry = store.store.find(key, fingerprint, needs)
     missing = all_reduce_max(torch.tensor(0 if entry is not None else 1)).item()
@@ -177,6 +187,9 @@ def _open_store(
         return entry, None, needs
     # one entry holds every output this model and data were stored with, so it serves all later passes
     computed = needs | store.store.stored_needs(key, fingerprint)
+    if rows is None:  # the error StoreWriter would raise reading rows[0], made clear
+        raise TypeError(f"{type(data).__name__} has a fingerprint and total_rows but no rows: the feature store "
+                        "needs the rows [start, stop) of the data it reads")
     return None, store.store.writer(key, fingerprint, computed, rows, total), computed
 
 
@@ -240,7 +253,7 @@ def run_pass(
                 stats.from_store = True
             else:
                 batches = _model_batches(tap, local, computed, stats, writer)
-                total = len(local) if hasattr(local, "__len__") else None
+                total = len(local) if isinstance(local, Sized) else None
             bar = tqdm(total=total, desc=desc, leave=False, disable=None if progress is None else not progress)
             with bar:
                 _drive(batches, consume, stats, bar, tap=tap, needs=computed, entry=entry,
@@ -276,11 +289,13 @@ def _drive(
             item = next(remaining, None)
             if not all_reduce_max(torch.tensor(int(item is not None))).item():
                 return
+            assert empty is not None  # built above for lockstep
             _feed(item if item is not None else empty, item is not None, consume, stats, bar)
         return
     for item in remaining:
         _feed(item, True, consume, stats, bar)
     if at_least_once and stats.batches == 0:
+        assert empty is not None  # built above for at_least_once
         _feed(empty, False, consume, stats, bar)
 
 
@@ -293,7 +308,7 @@ def _feed(item: tuple[Outputs, torch.Tensor | None], real: bool, consume: Consum
         bar.update()
 
 
-def score_batch(tap: Tap, detector: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def score_batch(tap: Tap, detector: Detector, images: torch.Tensor) -> torch.Tensor:
     """Scores [B] of one batch of images: the step of every pass, for ``OODModel.ood_score`` (no loop)."""
     requirements = detector.requirements
     images = check_images(images, tap).to(device=model_device(tap.model))

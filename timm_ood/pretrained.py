@@ -35,25 +35,26 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
+from .detectors import create_detector
 from .errors import FormatVersionError, HubUnavailableError, IncompatibleModelError
 from .fingerprint import _digest, precisions_of
-from .model import OODModel, wrap
 from .model_info import input_channels
 from .tap import inspect_head
 
 if TYPE_CHECKING:
     from .evaluation.results import EvaluationResults
+    from .model import OODModel
 
 __all__ = [
     "CONFIG_NAME",
     "DETECTOR_NAME",
     "FORMAT_VERSION",
     "MODEL_CARD_NAME",
-    "from_pretrained",
+    "HubMixin",
     "push_to_hub",
     "save_pretrained",
 ]
@@ -77,9 +78,12 @@ _OFFLINE_FIX = ("run once with network access (unset HF_HUB_OFFLINE) so huggingf
 
 
 def _version() -> str:
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("timm-ood")
+    except PackageNotFoundError:  # running from a source tree, as timm_ood.__version__
+        return "0.1.0"
 
 
 # -- the config ---------------------------------------------------------------------
@@ -377,7 +381,7 @@ def save_pretrained(
     Raises:
         ValueError: the model is not a timm model; ``results`` hold another detector.
     """
-    if not isinstance(ood_model, OODModel):
+    if not isinstance(ood_model, HubMixin):
         raise TypeError(f"save_pretrained takes an OODModel (timm_ood.wrap / create_model), got {type(ood_model)}")
     config = _config(ood_model)
     card = _card(config, results, repo_id)
@@ -536,7 +540,8 @@ def _create_timm_model(name: str, *, weights: str | os.PathLike | None, **kwargs
     return create_timm_model(name, pretrained=True, weights=weights, **kwargs)
 
 
-def from_pretrained(
+def _from_pretrained(
+    ood_model_class: type[HubMixin],
     repo_id_or_path: str | os.PathLike,
     *,
     weights: str | os.PathLike | None = None,
@@ -546,35 +551,7 @@ def from_pretrained(
     strict: bool = True,
     **timm_kwargs: Any,
 ) -> OODModel:
-    """The timm model and its fitted detector and threshold, from a folder or a Hub repo, in one call.
-
-    The timm model is created by its pretrained tag (timm downloads and caches
-    the weights) or from ``weights``; the detector's model fingerprint is then
-    checked against it (:meth:`OODModel.load_detector`).
-
-    Args:
-        repo_id_or_path: a folder written by :func:`save_pretrained`, or a Hub repo id.
-        weights: a local ``.safetensors``/``.pth`` state dict of the model (loaded
-            through timm's ``pretrained_cfg_overlay=dict(file=...)``): needed for
-            a model with weights of its own (no pretrained tag), and how offline
-            users load the tag's weights.
-        revision: the Hub revision (branch, tag or commit).
-        token: a Hub token, for private repos.
-        device: where to put the model (default: CPU).
-        strict: False loads a detector fitted on other weights of the same
-            architecture with a warning instead of an error.
-        **timm_kwargs: passed to ``timm.create_model`` over the config's.
-
-    Returns:
-        The :class:`OODModel`, in eval mode, with ``threshold`` and ``threshold_tpr``.
-
-    Raises:
-        HubUnavailableError: a repo id while offline and not cached.
-        FormatVersionError: the folder was written in another format version.
-        IncompatibleModelError: the detector was fitted on other weights or another model.
-        ValueError: a model with weights of its own and no ``weights``.
-        FileNotFoundError: neither a folder nor a Hub repo.
-    """
+    """:meth:`HubMixin.from_pretrained` for ``ood_model_class``."""
     source = os.fspath(repo_id_or_path)
     folder = _resolve_folder(repo_id_or_path, revision, token)
     config = _read_config(folder, source)
@@ -609,7 +586,8 @@ def from_pretrained(
             raise IncompatibleModelError(
                 f"{source!r} holds a detector fitted on other weights than {where} (sha256 {digest[:16]}... saved, "
                 f"{found[:16]}... loaded): {fix}, or pass strict=False to load it with a warning")
-    ood_model = wrap(model.eval(), detector_config["name"], **dict(detector_config.get("hyperparameters") or {}))
+    detector = create_detector(detector_config["name"], **dict(detector_config.get("hyperparameters") or {}))
+    ood_model = cast("OODModel", cast(Any, ood_model_class)(model.eval(), detector))  # OODModel(model, detector)
     ood_model.load_detector(folder / DETECTOR_NAME, strict=strict)
     ood_model.timm_creation = {
         "model_name": name,
@@ -617,3 +595,64 @@ def from_pretrained(
         "kwargs": {k: v for k, v in kwargs.items() if k not in _NOT_KWARGS},
     }
     return ood_model
+
+
+class HubMixin:
+    """The Hugging Face Hub methods of :class:`~timm_ood.OODModel`, which inherits them.
+
+    Kept here, next to the folder format, so that imports run one way: the model imports this module
+    (``class OODModel(HubMixin, nn.Module)``) and this module never imports the model. ``from_pretrained``
+    builds ``cls(timm_model, detector)``, so a subclass's builds that subclass.
+    """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, results: EvaluationResults | None = None) -> Path:
+        """Write the detector, a config and a model card into a folder (:func:`save_pretrained`)."""
+        return save_pretrained(cast("OODModel", self), save_directory, results=results)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload :meth:`save_pretrained`'s folder to a Hub repo (:func:`push_to_hub`)."""
+        return push_to_hub(cast("OODModel", self), repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        *,
+        weights: str | os.PathLike | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        device: Any = None,
+        strict: bool = True,
+        **timm_kwargs: Any,
+    ) -> OODModel:
+        """The timm model and its fitted detector and threshold, from a folder or a Hub repo, in one call.
+
+        The timm model is created by its pretrained tag (timm downloads and caches
+        the weights) or from ``weights``; the detector's model fingerprint is then
+        checked against it (:meth:`OODModel.load_detector`).
+
+        Args:
+            repo_id_or_path: a folder written by :func:`save_pretrained`, or a Hub repo id.
+            weights: a local ``.safetensors``/``.pth`` state dict of the model (loaded
+                through timm's ``pretrained_cfg_overlay=dict(file=...)``): needed for
+                a model with weights of its own (no pretrained tag), and how offline
+                users load the tag's weights.
+            revision: the Hub revision (branch, tag or commit).
+            token: a Hub token, for private repos.
+            device: where to put the model (default: CPU).
+            strict: False loads a detector fitted on other weights of the same
+                architecture with a warning instead of an error.
+            **timm_kwargs: passed to ``timm.create_model`` over the config's.
+
+        Returns:
+            The :class:`OODModel`, in eval mode, with ``threshold`` and ``threshold_tpr``.
+
+        Raises:
+            HubUnavailableError: a repo id while offline and not cached.
+            FormatVersionError: the folder was written in another format version.
+            IncompatibleModelError: the detector was fitted on other weights or another model.
+            ValueError: a model with weights of its own and no ``weights``.
+            FileNotFoundError: neither a folder nor a Hub repo.
+        """
+        return _from_pretrained(cls, repo_id_or_path, weights=weights, revision=revision, token=token,
+                                device=device, strict=strict, **timm_kwargs)

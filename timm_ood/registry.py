@@ -287,8 +287,12 @@ class Kind(Generic[T]):
         return Kind(hook_name, word, lambda obj: isinstance(obj, holds), f"a {label}")
 
     @classmethod
-    def of_subclasses(cls, hook_name: str, word: str, holds: type[U], label: str) -> Kind[type[U]]:
-        """A kind whose plugins return subclasses of ``holds`` (``label``: its public name)."""
+    def of_subclasses(cls, hook_name: str, word: str, holds: type[Any], label: str) -> Kind[type[Any]]:
+        """A kind whose plugins return subclasses of ``holds`` (``label``: its public name).
+
+        ``holds`` may be abstract (``Detector``), which a ``type[U]`` parameter refuses to type checkers;
+        annotate the kind instead: ``DETECTORS: Kind[type[Detector]] = Kind.of_subclasses(...)``.
+        """
         return Kind(
             hook_name, word, lambda obj: isinstance(obj, type) and issubclass(obj, holds), f"a subclass of {label}"
         )

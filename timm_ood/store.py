@@ -243,7 +243,7 @@ class StoreWriter:
         return self.store.entry(self.final)
 
     def _finish(self, described: Sequence[Sequence[int]], shapes: dict[str, Any] | None) -> None:
-        shards = []
+        shards: list[dict[str, Any]] = []  # {"file": str, "start": int, "stop": int}
         for file in sorted(self.temporary.glob("part-*.safetensors")):
             _, start, stop = file.stem.split("-")
             shards.append({"file": file.name, "start": int(start), "stop": int(stop)})

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IncompatibleModelError
-from .model_info import input_channels, normalisation
+from .model_info import input_channels, normalisation, timm_api
 
 __all__ = ["HeadInfo", "Need", "Outputs", "Tap", "fixed_input_size", "no_classifier_error"]
 
@@ -107,7 +107,7 @@ def inspect_head(model: nn.Module) -> HeadInfo:
         return HeadInfo("opaque", int(getattr(model, "num_classes", 0) or 0), None)
     num_features = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     num_features = int(num_features) if num_features else None
-    classifier = model.get_classifier()
+    classifier = timm_api(model).get_classifier()
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if isinstance(classifier, (tuple, list)):
         return HeadInfo("distilled", num_classes, num_features)
@@ -236,7 +236,7 @@ class Tap:
                 self._input_channels = input_channels(self.model)
             except IncompatibleModelError:
                 self._input_channels = None
-        return self._input_channels  # type: ignore[return-value]
+        return self._input_channels
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -292,18 +292,23 @@ class Tap:
             raise IncompatibleModelError(
                 f"{who} needs the weight and bias of a single linear classifier, but this is {reason}."
             )
-        classifier = self.model.get_classifier()
+        classifier = timm_api(self.model).get_classifier()
+        if not isinstance(classifier, nn.Linear):  # "linear" heads are; unless replaced since the tap inspected it
+            raise IncompatibleModelError(
+                f"{who} needs the weight and bias of a single linear classifier, but this is a model whose "
+                "classifier is not one nn.Linear over the pre-logits."
+            )
         bias = classifier.bias if classifier.bias is not None else classifier.weight.new_zeros(classifier.out_features)
         return classifier.weight, bias
 
     # -- passes ---------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``model.forward_features(x)``: unpooled feature maps or tokens."""
-        return self.model.forward_features(x)
+        return timm_api(self.model).forward_features(x)
 
     def head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``model.forward_head(features, pre_logits=...)``."""
-        return self.model.forward_head(features, pre_logits=pre_logits)
+        return timm_api(self.model).forward_head(features, pre_logits=pre_logits)
 
     def classify(self, pre_logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from pre-logits (linear head), or from ``forward_head(features)`` otherwise."""
@@ -342,7 +347,7 @@ class Tap:
             return Outputs(x, self, logits=self.model(x))
         intermediates = None
         if Need.INTERMEDIATES in needs:
-            features, intermediates = self.model.forward_intermediates(x, intermediates_only=False)
+            features, intermediates = timm_api(self.model).forward_intermediates(x, intermediates_only=False)
         else:
             features = self.features(x)
         pre_logits = logits = None

@@ -75,7 +75,7 @@ def parse_data_argument(text: str) -> DataArgument:
     text = text.strip()
     if not text:
         raise ValueError("an empty data argument: give a source name, a hub id (org/name[:split]) or a local path")
-    candidates = [(text, None)]
+    candidates: list[tuple[str, str | None]] = [(text, None)]
     head, colon, tail = text.rpartition(":")
     if colon and head and tail and "/" not in tail:
         candidates.insert(0, (head, tail))  # "name:split" before a path that holds a colon

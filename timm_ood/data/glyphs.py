@@ -57,7 +57,7 @@ def font_files() -> tuple[str, ...]:
 
 
 @cache
-def _font(file: str, size: int) -> ImageFont.FreeTypeFont:
+def _font(file: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if file == _PILLOW_DEFAULT:
         return ImageFont.load_default(size=size)
     return ImageFont.truetype(file, size=size)

@@ -167,7 +167,7 @@ class HubDataset:
                 return saved
             if isinstance(saved, Dataset):
                 return saved.to_iterable_dataset()
-            return {name: split.to_iterable_dataset() for name, split in saved.items()}  # type: ignore[return-value]
+            return {name: split.to_iterable_dataset() for name, split in saved.items()}
         if path.is_file():
             builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
             if builder is None:
@@ -181,7 +181,7 @@ class HubDataset:
     def _pick_split(self, loaded: Any, split: str, *, any_split: bool = False) -> Dataset | IterableDataset:
         if not isinstance(loaded, Mapping):
             return loaded
-        names = (self.split_names.get(split, split), split)
+        names: tuple[str, ...] = (self.split_names.get(split, split), split)
         if any_split and split == "test":  # a user's folder of train/ and val/: evaluate on val
             names = (*names, "validation")
         for name in (*names, *(_SPLIT_SYNONYMS.get(name) for name in names)):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from .errors import CorruptImageError, EmptyDatasetError
 from .transforms import ModelTransform, UndecodableImageError
@@ -150,6 +150,7 @@ class ModelLoader(DataLoader):
     dataset_source: Dataset | IterableDataset
     settings: _LoaderSettings
     transform: ModelTransform
+    _fingerprint: str | None
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -208,6 +209,7 @@ def _build(
         loader = ModelLoader(stream, batch_size=None, num_workers=settings.num_workers)
     else:
         batches = _IndexedBatches(dataset, transform, settings.name)
+        order: Sampler[int]
         if settings.shuffle:
             generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
             order = RandomSampler(batches, generator=generator)

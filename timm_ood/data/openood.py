@@ -55,7 +55,8 @@ __all__ = [
 #: an OpenOOD data root (``benchmark_imglist/``, ``images_classic/``, ``images_largescale/``)
 OPENOOD_DIR_ENV = "TIMM_OOD_OPENOOD_DIR"
 _IMAGE_LISTS = "benchmark_imglist"
-_CLASSIC, _LARGESCALE = "images_classic", "images_largescale"
+_CLASSIC: Literal["images_classic"] = "images_classic"
+_LARGESCALE: Literal["images_largescale"] = "images_largescale"
 _IMAGENET_OVERLAY = {
     "input_size": (3, 224, 224),
     "mean": (0.485, 0.456, 0.406),

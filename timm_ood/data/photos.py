@@ -27,7 +27,7 @@ sides of the tuning/evaluation split: both are drawn again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 from PIL import Image
@@ -65,7 +65,7 @@ def _from_sklearn(filename: str) -> np.ndarray:
 
 _LOADERS: dict[str, Callable[[], np.ndarray]] = {
     **{
-        name: (lambda name=name: _from_skimage(name))
+        name: partial(_from_skimage, name)
         for name in (
             "camera", "astronaut", "coffee", "rocket", "coins", "grass", "brick", "hubble_deep_field",
             "retina", "chelsea", "clock", "gravel", "moon", "cell", "immunohistochemistry", "text",

@@ -30,7 +30,7 @@ from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -47,7 +47,9 @@ from ..fingerprint import (
 )
 from ..tap import Need, Outputs, Tap
 
-__all__ = ["Detector", "FastGrid", "Requirements", "all_reduce_sum", "score_dtype"]
+__all__ = ["Detector", "FastGrid", "Requirements", "all_reduce_sum", "fit_in_progress", "score_dtype"]
+
+_State = TypeVar("_State")
 
 
 #: what ``Requirements.held_out`` may say: no step, held-out ID data, held-out ID and OOD data
@@ -103,6 +105,20 @@ class Requirements:
 def score_dtype(t: torch.Tensor) -> torch.Tensor:
     """``t`` in at least float32: half-precision scores would tie and lose order."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def fit_in_progress(state: _State | None, who: str) -> _State:
+    """``state``, what :meth:`Detector.reset_fit` started accumulating; a clear error when there is none.
+
+    ``update_fit``, ``next_fit_pass`` and ``finish_fit`` continue a fit that
+    ``reset_fit`` starts (``finish_fit`` ends it and drops the accumulator).
+    """
+    if state is None:
+        raise RuntimeError(
+            f"detector {who!r}: no fit in progress; call reset_fit(tap) before update_fit / finish_fit "
+            "(model.fit and fit_detectors do)"
+        )
+    return state
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
-from .base import Detector, Requirements, all_reduce_sum, score_dtype
+from .base import Detector, Requirements, all_reduce_sum, fit_in_progress, score_dtype
 
 __all__ = ["FDBD", "NCI", "ViM", "vim_principal_dim"]
 
@@ -116,31 +116,37 @@ class ViM(Detector):
             self._origin = -(torch.linalg.pinv(weight.detach().to(torch.float64)) @ bias.detach().to(torch.float64))
         centered = outputs.pre_logits.flatten(1).to(torch.float64) - self._origin
         if self._basis is None:  # pass 1: the second moment around o, and the max logits
-            if self._moment is None:
+            moment, count, max_logit_sum = self._moment, self._count, self._max_logit_sum
+            if moment is None or count is None or max_logit_sum is None:  # the three are set together
                 dim = centered.shape[1]
-                self._moment = centered.new_zeros(dim, dim)
-                self._count, self._max_logit_sum = centered.new_zeros(()), centered.new_zeros(())
-            self._moment += centered.T @ centered
-            self._count += len(centered)
-            self._max_logit_sum += outputs.logits.to(torch.float64).amax(dim=1).sum()
+                moment = self._moment = centered.new_zeros(dim, dim)
+                count = self._count = centered.new_zeros(())
+                max_logit_sum = self._max_logit_sum = centered.new_zeros(())
+            moment += centered.T @ centered  # in place, as the two below
+            count += len(centered)
+            max_logit_sum += outputs.logits.to(torch.float64).amax(dim=1).sum()
         else:  # pass 2: the norms of the residuals outside the principal subspace
-            self._residual_sum += (centered @ self._basis).norm(dim=1).sum()
+            residual_sum = fit_in_progress(self._residual_sum, self.name)  # set with the basis
+            residual_sum += (centered @ self._basis).norm(dim=1).sum()  # in place
 
     def next_fit_pass(self) -> None:
-        if self._moment is None:
+        moment, count, max_logit_sum = self._moment, self._count, self._max_logit_sum
+        if moment is None or count is None or max_logit_sum is None:  # the three are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self._moment, self._count, self._max_logit_sum)
-        eigenvalues, eigenvectors = torch.linalg.eigh(self._moment / self._count)  # ascending
+        all_reduce_sum(moment, count, max_logit_sum)
+        eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)  # ascending
         dim = vim_principal_dim(len(eigenvalues), self.principal_dim)
         self._basis = eigenvectors[:, :len(eigenvalues) - dim].contiguous()
-        self._residual_sum = self._moment.new_zeros(())
+        self._residual_sum = moment.new_zeros(())
         self._moment = None
 
     def finish_fit(self) -> None:
-        all_reduce_sum(self._residual_sum)
-        self.origin = self._origin
-        self.residual_basis = self._basis
-        self.alpha = self._max_logit_sum / self._residual_sum.clamp_min(torch.finfo(torch.float64).tiny)
+        residual_sum = fit_in_progress(self._residual_sum, self.name)  # next_fit_pass set it
+        all_reduce_sum(residual_sum)
+        self.origin = fit_in_progress(self._origin, self.name)  # set by the first batch
+        self.residual_basis = fit_in_progress(self._basis, self.name)  # set by next_fit_pass
+        max_logit_sum = fit_in_progress(self._max_logit_sum, self.name)
+        self.alpha = max_logit_sum / residual_sum.clamp_min(torch.finfo(torch.float64).tiny)
         self._origin = self._basis = self._residual_sum = self._max_logit_sum = self._count = None
 
     def virtual_logit(self, pre_logits: torch.Tensor) -> torch.Tensor:

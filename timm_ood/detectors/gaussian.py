@@ -21,7 +21,7 @@ import torch
 
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
-from .base import Detector, Requirements, score_dtype
+from .base import Detector, Requirements, fit_in_progress, score_dtype
 from .mahalanobis import (
     ClassStatistics,
     MultiMahalanobis,
@@ -87,13 +87,14 @@ class ClassGaussianMixture(Detector):
         self._statistics = ClassStatistics(max(tap.head_info.num_classes, 0), per_class=self.covariance == "full")
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        self._statistics.update(outputs.pre_logits, require_labels(self.name, labels))
+        fit_in_progress(self._statistics, self.name).update(outputs.pre_logits, require_labels(self.name, labels))
 
     def finish_fit(self) -> None:
+        statistics = fit_in_progress(self._statistics, self.name)
         if self.covariance == "full":
-            _, counts, means, covariances = self._statistics.finish()
+            _, counts, means, covariances = statistics.finish()
         else:
-            gaussians = TiedGaussians.fit(self._statistics)
+            gaussians = TiedGaussians.fit(statistics)
             counts, means, covariances = gaussians.counts, gaussians.means, gaussians.covariance
         dim = means.shape[1]
         eye = torch.eye(dim, dtype=covariances.dtype, device=covariances.device)

@@ -242,14 +242,14 @@ class Gram(Detector):
             self._positions = resolve_layers(self.layers, len(maps), self.name)
             self._sizes = [self.max_power * maps[p].shape[1] for p in self._positions]
         predicted, classes = logits.argmax(dim=1), logits.shape[1]
-        smallest, largest = [], []
+        smallest_parts, largest_parts = [], []
         for position in self._positions:  # order statistics of the row sums: finish_fit roots them
             sums = _row_sums(maps[position], self.max_power).flatten(1)
-            smallest.append(_two_smallest(sums, predicted, classes))
-            largest.append(_two_smallest(sums.neg_(), predicted, classes))
-        smallest, largest = torch.cat(smallest, dim=2), torch.cat(largest, dim=2)
+            smallest_parts.append(_two_smallest(sums, predicted, classes))
+            largest_parts.append(_two_smallest(sums.neg_(), predicted, classes))
+        smallest, largest = torch.cat(smallest_parts, dim=2), torch.cat(largest_parts, dim=2)
         counts = torch.bincount(predicted, minlength=classes).to(torch.float64)
-        if self._smallest is None:
+        if self._smallest is None or self._largest is None or self._counts is None:  # the three are set together
             self._smallest, self._largest, self._counts = smallest, largest, counts
         else:
             self._smallest = _merge_two_smallest(self._smallest, smallest)
@@ -257,22 +257,23 @@ class Gram(Detector):
             self._counts += counts
 
     def finish_fit(self) -> None:
-        if self._smallest is None:
+        counts = self._counts
+        if self._smallest is None or self._largest is None or counts is None:  # the three are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self._counts)
+        all_reduce_sum(counts)
         # the root is monotonic: the rooted order statistics of the row sums are those of the Gram values
         smallest = _rooted(_merge_two_smallest(*all_gather_stacked(self._smallest)), self._sizes, self.max_power)
         largest = _rooted(-_merge_two_smallest(*all_gather_stacked(self._largest)), self._sizes, self.max_power)
-        seen = self._counts > 0
+        seen = counts > 0
         mins = torch.where(seen[:, None], smallest[0], smallest[0].amin(dim=0))
         maxs = torch.where(seen[:, None], largest[0], largest[0].amax(dim=0))
         # leave-one-out: only the unique extreme image of a class and entry deviates from the others' bounds
         left_out = (smallest[1] - smallest[0]) / _denominator(smallest[1]) \
             + (largest[0] - largest[1]) / _denominator(largest[1])
-        several = self._counts >= 2
+        several = counts >= 2
         left_out = torch.where(several[:, None], left_out, torch.zeros_like(left_out)).sum(dim=0)  # [F]
         per_layer = torch.stack([chunk.sum() for chunk in left_out.split(self._sizes)])
-        images = self._counts[several].sum()
+        images = counts[several].sum()
         device = mins.device
         self.layer_indices = torch.tensor(self._positions, device=device)
         self.layer_sizes = torch.tensor(self._sizes, device=device)
@@ -299,7 +300,7 @@ class Gram(Detector):
 
     # -- the held-out step: E[δ_l] on held-out in-distribution data (the paper's validation step) ------
     def reset_held_out(self) -> None:
-        self._held_out_sums: torch.Tensor | None = None
+        self._held_out_sums = None
 
     def update_held_out(self, outputs: Outputs, is_ood: bool) -> None:
         deviations = self.layer_deviations(outputs)  # [B, L]

@@ -12,7 +12,7 @@ tie inputs whose logit gaps differ by less than 1e-4 * T / 1000.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -34,7 +34,17 @@ def negative_log_max_softmax(logits: torch.Tensor, temperature: float = 1.0) -> 
     return torch.logsumexp(scaled, dim=1) - scaled.amax(dim=1)
 
 
-def check_temperature(detector: Detector) -> None:
+class _Tempered(Protocol):
+    """A detector with a ``temperature`` hyperparameter."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+
+def check_temperature(detector: _Tempered) -> None:
     """Refuse a detector whose ``temperature`` hyperparameter is not > 0."""
     if not float(detector.temperature) > 0:
         raise ValueError(f"{detector.name}: temperature must be > 0, got {detector.temperature!r}")

@@ -29,8 +29,9 @@ import torch
 
 from ..distributed import all_gather_rows
 from ..hookspecs import hookimpl
+from ..model_info import timm_api
 from ..tap import Need, Outputs, Tap
-from .base import Detector, Requirements, all_reduce_sum, score_dtype
+from .base import Detector, Requirements, all_reduce_sum, fit_in_progress, score_dtype
 from .perturbation import gradient_sign, signed_step
 
 __all__ = [
@@ -93,20 +94,22 @@ class ClassStatistics:
             )
         needed = max(self.num_classes, int(labels.max()) + 1 if labels.numel() else 0)
         dim = features.shape[1]
-        if self.sums is None:
-            self.sums = features.new_zeros(needed, dim)
-            self.counts = features.new_zeros(needed)
-            self.moments = features.new_zeros(needed, dim, dim) if self.per_class else features.new_zeros(dim, dim)
-        elif needed > self.sums.shape[0]:  # a class seen for the first time
-            grow = needed - self.sums.shape[0]
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(grow, dim)])
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
+        sums, counts, moments = self.sums, self.counts, self.moments
+        if sums is None or counts is None or moments is None:  # the three are set together
+            sums = features.new_zeros(needed, dim)
+            counts = features.new_zeros(needed)
+            moments = features.new_zeros(needed, dim, dim) if self.per_class else features.new_zeros(dim, dim)
+        elif needed > sums.shape[0]:  # a class seen for the first time
+            grow = needed - sums.shape[0]
+            sums = torch.cat([sums, sums.new_zeros(grow, dim)])
+            counts = torch.cat([counts, counts.new_zeros(grow)])
             if self.per_class:
-                self.moments = torch.cat([self.moments, self.moments.new_zeros(grow, dim, dim)])
-        self.sums.index_add_(0, labels, features)
-        self.counts += torch.bincount(labels, minlength=self.sums.shape[0]).to(torch.float64)
+                moments = torch.cat([moments, moments.new_zeros(grow, dim, dim)])
+        self.sums, self.counts, self.moments = sums, counts, moments
+        sums.index_add_(0, labels, features)
+        counts += torch.bincount(labels, minlength=sums.shape[0]).to(torch.float64)  # in place
         if not self.per_class:
-            self.moments += features.T @ features
+            moments += features.T @ features  # in place
             return
         if labels.numel() == 0:
             return  # an empty batch (a process without data under torch.distributed) adds nothing
@@ -117,7 +120,7 @@ class ClassStatistics:
         position = torch.arange(len(labels), device=labels.device) - (sizes.cumsum(0) - sizes)[group]
         padded = features.new_zeros(len(classes), int(sizes.max()), dim)
         padded[group, position] = features[order]
-        self.moments.index_add_(0, classes, padded.transpose(1, 2) @ padded)
+        moments.index_add_(0, classes, padded.transpose(1, 2) @ padded)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(class_ids [K'], counts [K'], means [K', D], covariance)`` over the classes that occurred.
@@ -129,20 +132,21 @@ class ClassStatistics:
         Raises:
             ValueError: no data was seen.
         """
-        if self.sums is None:
+        sums, all_counts, moments = self.sums, self.counts, self.moments
+        if sums is None or all_counts is None or moments is None:  # the three are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self.sums, self.counts, self.moments)
-        if float(self.counts.sum()) == 0:
+        all_reduce_sum(sums, all_counts, moments)
+        if float(all_counts.sum()) == 0:
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        present = torch.nonzero(self.counts > 0).squeeze(1)
-        counts = self.counts[present]
-        means = self.sums[present] / counts[:, None]
+        present = torch.nonzero(all_counts > 0).squeeze(1)
+        counts = all_counts[present]
+        means = sums[present] / counts[:, None]
         if self.per_class:
-            covariances = self.moments[present] / counts[:, None, None] - means[:, :, None] * means[:, None, :]
+            covariances = moments[present] / counts[:, None, None] - means[:, :, None] * means[:, None, :]
             return present, counts, means, (covariances + covariances.transpose(1, 2)) / 2
         total = counts.sum()
         between = (means * counts[:, None]).T @ means  # Σ_c n_c μ_c μ_cᵀ
-        covariance = (self.moments - between) / total
+        covariance = (moments - between) / total
         return present, counts, means, (covariance + covariance.T) / 2
 
 
@@ -270,10 +274,10 @@ class Mahalanobis(Detector):
         self._statistics = ClassStatistics(max(tap.head_info.num_classes, 0))
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        self._statistics.update(outputs.pre_logits, require_labels("mahalanobis", labels))
+        fit_in_progress(self._statistics, self.name).update(outputs.pre_logits, require_labels("mahalanobis", labels))
 
     def finish_fit(self) -> None:
-        gaussians = TiedGaussians.fit(self._statistics)
+        gaussians = TiedGaussians.fit(fit_in_progress(self._statistics, self.name))
         # fitted state stays float64: the distances are computed in float64
         self.class_ids = gaussians.class_ids
         self.class_means = gaussians.means
@@ -378,10 +382,10 @@ class RelativeMahalanobis(Detector):
         self._statistics = ClassStatistics(max(tap.head_info.num_classes, 0))
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        self._statistics.update(outputs.pre_logits, require_labels(self.name, labels))
+        fit_in_progress(self._statistics, self.name).update(outputs.pre_logits, require_labels(self.name, labels))
 
     def finish_fit(self) -> None:
-        gaussians = TiedGaussians.fit(self._statistics)
+        gaussians = TiedGaussians.fit(fit_in_progress(self._statistics, self.name))
         self.class_ids = gaussians.class_ids
         self.feature_mean = gaussians.feature_mean
         self.precision = gaussians.precision
@@ -418,7 +422,8 @@ def resolve_layers(layers: Sequence[int] | None, available: int, who: str) -> li
 
 def _intermediate(tap: Tap, x: torch.Tensor, position: int) -> torch.Tensor:
     """One intermediate feature map, the forward stopped right after it (timm's ``forward_intermediates``)."""
-    (feature_map,) = tap.model.forward_intermediates(x, indices=[position], intermediates_only=True, stop_early=True)
+    (feature_map,) = timm_api(tap.model).forward_intermediates(
+        x, indices=[position], intermediates_only=True, stop_early=True)
     return feature_map
 
 
@@ -578,7 +583,7 @@ class MultiMahalanobis(Detector):
 
     # -- the paper's weighting: the held-out step ------------------------------------------------
     def reset_held_out(self) -> None:
-        self._held_out: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+        self._held_out = {False: [], True: []}
 
     def update_held_out(self, outputs: Outputs, is_ood: bool) -> None:
         self._held_out[is_ood].append(self.layer_distances(outputs).detach())

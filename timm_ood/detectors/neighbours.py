@@ -380,6 +380,7 @@ class _FeatureBankDetector(Detector):
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         quantiser = faiss.IndexFlat(width, metric)
         keep: tuple[Any, ...] = (quantiser,)
+        index: faiss.Index
         if lists == 1:  # under 78 rows: one list is a flat index, searched whole
             index = quantiser
         else:

@@ -213,6 +213,8 @@ def _perturbed_logits(
         if result is None:
             result = logits.new_empty(len(epsilons), len(x), logits.shape[1])
         result[e_index, row] = logits
+    if result is None:  # no (ε, image) pair was forwarded: the callers pass at least one ε
+        raise ValueError("_perturbed_logits needs at least one epsilon")
     return result
 
 

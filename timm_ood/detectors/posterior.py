@@ -103,19 +103,21 @@ class KLMatching(Detector):
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
         probabilities = torch.softmax(outputs.logits.detach().to(torch.float64), dim=1)
         predicted = probabilities.argmax(dim=1)
-        if self._sums is None:
+        sums, counts = self._sums, self._counts
+        if sums is None or counts is None:  # the two are set together
             classes = probabilities.shape[1]
-            self._sums = probabilities.new_zeros(classes, classes)
-            self._counts = probabilities.new_zeros(classes)
-        self._sums.index_add_(0, predicted, probabilities)
-        self._counts += torch.bincount(predicted, minlength=self._counts.numel()).to(torch.float64)
+            sums = self._sums = probabilities.new_zeros(classes, classes)
+            counts = self._counts = probabilities.new_zeros(classes)
+        sums.index_add_(0, predicted, probabilities)
+        counts += torch.bincount(predicted, minlength=counts.numel()).to(torch.float64)  # in place
 
     def finish_fit(self) -> None:
-        if self._sums is None:
+        sums, counts = self._sums, self._counts
+        if sums is None or counts is None:  # the two are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self._sums, self._counts)
-        predicted = self._counts > 0
-        typical = self._sums[predicted] / self._counts[predicted, None]
+        all_reduce_sum(sums, counts)
+        predicted = counts > 0
+        typical = sums[predicted] / counts[predicted, None]
         self.typical_log_posteriors = typical.clamp_min(torch.finfo(torch.float64).tiny).log()
         self._sums = self._counts = None
 

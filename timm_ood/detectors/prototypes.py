@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..distributed import all_gather_stacked
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
-from .base import Detector, Requirements, all_reduce_sum, score_dtype
+from .base import Detector, Requirements, all_reduce_sum, fit_in_progress, score_dtype
 
 __all__ = ["SHE", "OpenMax", "WeibullFit", "fit_weibull"]
 
@@ -39,25 +39,27 @@ class _CorrectClassMeans:
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError(f"{who}: fit data contains negative labels (OOD samples): fit on in-distribution data only")
         vectors = vectors.detach().flatten(1).to(torch.float64)
-        if self.sums is None:
-            self.sums = vectors.new_zeros(logits.shape[1], vectors.shape[1])
-            self.counts = vectors.new_zeros(logits.shape[1])
+        sums, counts = self.sums, self.counts
+        if sums is None or counts is None:  # the two are set together
+            sums = self.sums = vectors.new_zeros(logits.shape[1], vectors.shape[1])
+            counts = self.counts = vectors.new_zeros(logits.shape[1])
         correct = logits.argmax(dim=1) == labels
-        self.sums.index_add_(0, labels[correct], vectors[correct])
-        self.counts += torch.bincount(labels[correct], minlength=len(self.counts)).to(torch.float64)
+        sums.index_add_(0, labels[correct], vectors[correct])
+        counts += torch.bincount(labels[correct], minlength=len(counts)).to(torch.float64)  # in place
 
     def finish(self, who: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(means [K, D], has_mean [K])``, zero means for classes without a correct sample (with a warning)."""
-        if self.sums is None:
+        sums, counts = self.sums, self.counts
+        if sums is None or counts is None:  # the two are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self.sums, self.counts)
-        has_mean = self.counts > 0
+        all_reduce_sum(sums, counts)
+        has_mean = counts > 0
         if not bool(has_mean.any()):
             raise ValueError(f"{who}: the model classifies none of the fit images correctly")
         if not bool(has_mean.all()):
             missing = torch.nonzero(~has_mean).squeeze(1).tolist()
             warnings.warn(f"{who}: no correctly classified fit image of classes {missing}", stacklevel=3)
-        return self.sums / self.counts.clamp_min(1)[:, None], has_mean
+        return sums / counts.clamp_min(1)[:, None], has_mean
 
 
 def _check_labels(detector: Detector, labels: torch.Tensor | None) -> torch.Tensor:
@@ -93,10 +95,11 @@ class SHE(Detector):
         self._means = _CorrectClassMeans()
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        self._means.update(outputs.pre_logits, outputs.logits, _check_labels(self, labels), self.name)
+        fit_in_progress(self._means, self.name).update(outputs.pre_logits, outputs.logits, _check_labels(self, labels),
+                                                       self.name)
 
     def finish_fit(self) -> None:
-        self.patterns, _ = self._means.finish(self.name)
+        self.patterns, _ = fit_in_progress(self._means, self.name).finish(self.name)
         self._means = None
 
     def score(self, outputs: Outputs) -> torch.Tensor:
@@ -238,8 +241,8 @@ class OpenMax(Detector):
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
         labels = _check_labels(self, labels)
         logits = outputs.logits
-        if self._fitted_means is None:  # pass 1: the mean AVs
-            self._means.update(logits, logits, labels, self.name)
+        if self._fitted_means is None or self._tails is None:  # pass 1: the mean AVs (pass 2 sets both)
+            fit_in_progress(self._means, self.name).update(logits, logits, labels, self.name)
             return
         # pass 2: the largest distances of each class's correct AVs to its mean, merged into the tails
         labels = labels.to(device=logits.device, dtype=torch.long)
@@ -252,14 +255,15 @@ class OpenMax(Detector):
         self._tails = merged.topk(self.tail_size, dim=1).values
 
     def next_fit_pass(self) -> None:
-        self._fitted_means = self._means.finish(self.name)
+        self._fitted_means = fit_in_progress(self._means, self.name).finish(self.name)
         self._means = None
         means = self._fitted_means[0]
         self._tails = means.new_full((len(means), self.tail_size), -math.inf)
 
     def finish_fit(self) -> None:
-        means, has_model = self._fitted_means
-        tails = all_gather_stacked(self._tails).permute(1, 0, 2).flatten(1)  # [K, world · tail]
+        means, has_model = fit_in_progress(self._fitted_means, self.name)
+        local_tails = fit_in_progress(self._tails, self.name)
+        tails = all_gather_stacked(local_tails).permute(1, 0, 2).flatten(1)  # [K, world · tail]
         tails = tails.topk(self.tail_size, dim=1).values  # descending, -inf where a class has fewer
         finite = torch.isfinite(tails)
         smallest = torch.where(finite, tails, torch.full_like(tails, math.inf)).amin(dim=1)

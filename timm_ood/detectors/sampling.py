@@ -134,6 +134,8 @@ def mc_dropout_log_probabilities(tap: Tap, x: torch.Tensor, samples: int, seed: 
             )
         log_p = torch.log_softmax(logits.to(torch.float64), dim=1)
         total = log_p if total is None else torch.logaddexp(total, log_p)
+    if total is None:  # no pass ran
+        raise ValueError(f"mc-dropout: samples must be an integer >= 1, got {samples!r}")
     return total - math.log(samples)
 
 

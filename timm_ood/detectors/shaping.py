@@ -34,7 +34,7 @@ from ..errors import IncompatibleModelError
 from ..free_energy import free_energy
 from ..hookspecs import hookimpl
 from ..tap import Need, Outputs, Tap
-from .base import Detector, Requirements, all_reduce_sum, score_dtype
+from .base import Detector, Requirements, all_reduce_sum, fit_in_progress, score_dtype
 from .quantiles import StreamingHistogram, histogram_percentile, linear_percentile
 
 __all__ = [
@@ -157,10 +157,10 @@ class _FittedPercentiles(_ShapedPreLogits):
         self._histogram = StreamingHistogram()
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
-        self._histogram.update(outputs.pre_logits)
+        fit_in_progress(self._histogram, self.name).update(outputs.pre_logits)
 
     def finish_fit(self) -> None:
-        self.activation_counts, self.bin_exponent = self._histogram.finish()
+        self.activation_counts, self.bin_exponent = fit_in_progress(self._histogram, self.name).finish()
         self._histogram = None
 
     def activation_percentile(self, percentile: float) -> torch.Tensor:
@@ -436,18 +436,20 @@ class DICE(Detector):
 
     def update_fit(self, outputs: Outputs, labels: torch.Tensor | None) -> None:
         pre_logits = outputs.pre_logits.detach().to(torch.float64)
-        if self._sum is None:
-            self._sum = pre_logits.new_zeros(pre_logits.shape[1])
-            self._count = pre_logits.new_zeros(())
-        self._sum += pre_logits.sum(dim=0)
-        self._count += pre_logits.shape[0]
+        total, count = self._sum, self._count
+        if total is None or count is None:  # the two are set together
+            total = self._sum = pre_logits.new_zeros(pre_logits.shape[1])
+            count = self._count = pre_logits.new_zeros(())
+        total += pre_logits.sum(dim=0)  # in place
+        count += pre_logits.shape[0]  # in place
 
     def finish_fit(self) -> None:
-        if self._sum is None:
+        total, count = self._sum, self._count
+        if total is None or count is None:  # the two are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self._sum, self._count)
-        weight = score_dtype(self._weight)
-        contribution = weight * (self._sum / self._count).to(weight)[None, :]
+        all_reduce_sum(total, count)
+        weight = score_dtype(fit_in_progress(self._weight, self.name))
+        contribution = weight * (total / count).to(weight)[None, :]
         self.weight_mask = contribution > linear_percentile(contribution, float(self.p))
         self._weight = self._sum = self._count = None
 

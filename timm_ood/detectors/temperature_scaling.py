@@ -141,19 +141,20 @@ class TemperatureScaling(Detector):
             )
         betas = torch.tensor(INVERSE_TEMPERATURES, dtype=torch.float64, device=logits.device)
         slopes, curvatures = nll_derivatives(logits, labels, betas)
-        if self._slopes is None:
+        if self._slopes is None or self._curvatures is None:  # the two are set together
             self._slopes, self._curvatures = slopes, curvatures
         else:
             self._slopes += slopes
             self._curvatures += curvatures
 
     def finish_fit(self) -> None:
-        if self._slopes is None:
+        slopes, curvatures = self._slopes, self._curvatures
+        if slopes is None or curvatures is None:  # the two are set together
             raise ValueError("fit received no samples: the in-distribution data is empty")
-        all_reduce_sum(self._slopes, self._curvatures)
-        betas = torch.tensor(INVERSE_TEMPERATURES, dtype=torch.float64, device=self._slopes.device)
-        self.fitted_temperature = torch.tensor(1 / nll_minimiser(betas, self._slopes, self._curvatures),
-                                        dtype=torch.float64, device=self._slopes.device)
+        all_reduce_sum(slopes, curvatures)
+        betas = torch.tensor(INVERSE_TEMPERATURES, dtype=torch.float64, device=slopes.device)
+        self.fitted_temperature = torch.tensor(1 / nll_minimiser(betas, slopes, curvatures),
+                                               dtype=torch.float64, device=slopes.device)
         self._slopes = self._curvatures = None
 
     def score(self, outputs: Outputs) -> torch.Tensor:

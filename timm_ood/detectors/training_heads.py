@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from ..errors import IncompatibleModelError
 from ..hookspecs import hookimpl
+from ..model_info import timm_api
 from ..tap import Need, Outputs, Tap
 from ..training.bottleneck import GaussianBottleneckHead, VIBHead, VIBYHead
+from ..training.heads import ReplacementHead
 from ..training.sigmoid_heads import BINCHead, BINHead
 from .base import Detector, Requirements
 
@@ -32,14 +34,14 @@ class _HeadDetector(Detector):
     """A detector reading the pre-logits through a replaced head of one of :attr:`head_types`."""
 
     requirements = Requirements(outputs=frozenset({Need.PRE_LOGITS}))
-    head_types: ClassVar[tuple[type, ...]] = ()
+    head_types: ClassVar[tuple[type[ReplacementHead], ...]] = ()
 
     def check_model(self, tap: Tap) -> None:
         super().check_model(tap)
         self._head(tap)
 
     def _head(self, tap: Tap):
-        classifier = tap.model.get_classifier()
+        classifier = timm_api(tap.model).get_classifier()
         if not isinstance(classifier, self.head_types):
             kinds = " or ".join(repr(head.kind) for head in self.head_types)
             raise IncompatibleModelError(

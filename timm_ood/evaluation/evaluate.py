@@ -424,7 +424,7 @@ def evaluate(
             return dataset
         return dataset.select(range(limit))
 
-    common = {"tpr": tpr, "positive": positive, "batch_size": batch_size, "num_workers": num_workers,
+    common: dict[str, Any] = {"tpr": tpr, "positive": positive, "batch_size": batch_size, "num_workers": num_workers,
               "progress": progress, "cache_dir": cache_dir}
     limits = {"batch_size": batch_size, "max_images": max_images, "max_fit_images": max_fit_images}
     if id_data is not None or ood_data is not None:

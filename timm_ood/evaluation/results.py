@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -389,14 +389,15 @@ def metrics_per_set(
     scores: dict[str, torch.Tensor], id_set: str, ood_sets: Sequence[str], *, tpr: float, positive: str,
 ) -> dict[str, dict[str, float]]:
     """All seven metrics of one detector for each OOD set against the ID set, and their average."""
-    from ..metrics import ood_metrics
+    from ..metrics import Positive, ood_metrics
 
     per_set = {}
     id_scores = scores[id_set]
     for name in ood_sets:
         ood_scores = scores[name]
         is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
-        values = ood_metrics(torch.cat([id_scores, ood_scores]), is_ood, tpr=tpr, positive=positive)
+        # a str the callers take from users: ood_metrics checks it first (a ValueError naming the readings)
+        values = ood_metrics(torch.cat([id_scores, ood_scores]), is_ood, tpr=tpr, positive=cast(Positive, positive))
         per_set[name] = {k: float(v) for k, v in values.items()}
     if len(ood_sets) > 1:
         keys = per_set[ood_sets[0]].keys()

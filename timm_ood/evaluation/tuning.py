@@ -167,8 +167,10 @@ def _generic_values(
         # one forward of the tuning images serves every grid point
         cached = {name: [] for name in sets}
         for name, data in sets.items():
-            run_pass(tap, data, needs, lambda outputs, labels, kept=cached[name]: kept.append(outputs),
-                     desc=f"model outputs on {_shown(name)}", progress=progress)
+            def keep(outputs: Outputs, labels: torch.Tensor | None, kept: list[Outputs] = cached[name]) -> None:
+                kept.append(outputs)
+
+            run_pass(tap, data, needs, keep, desc=f"model outputs on {_shown(name)}", progress=progress)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
     fitted_for: tuple | None = None
     for combo in tqdm(grid, desc=f"{detector_name} grid", leave=False,

@@ -17,7 +17,7 @@ Under ``torch.distributed``, ``compute()`` gathers the states of all processes
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -75,10 +75,10 @@ class _OODScoreMetric(Metric):
     ``process_group``, ``dist_sync_fn``, ...).
     """
 
-    is_differentiable: ClassVar[bool] = False
-    full_state_update: ClassVar[bool] = False
-    plot_lower_bound: ClassVar[float] = 0.0
-    plot_upper_bound: ClassVar[float] = 1.0
+    is_differentiable: bool = False
+    full_state_update: bool = False
+    plot_lower_bound: float = 0.0
+    plot_upper_bound: float = 1.0
 
     scores: list[Tensor] | Tensor
     is_ood: list[Tensor] | Tensor
@@ -102,8 +102,9 @@ class _OODScoreMetric(Metric):
         """
         scores, is_ood = _validate_inputs(scores, is_ood, type(self).__name__)
         stored_dtype = scores.dtype if scores.is_floating_point() else torch.float64
-        self.scores.append(scores.to(stored_dtype, copy=True))
-        self.is_ood.append(is_ood.clone())
+        # list states between updates (torchmetrics concatenates them only inside a sync)
+        cast(list[Tensor], self.scores).append(scores.to(stored_dtype, copy=True))
+        cast(list[Tensor], self.is_ood).append(is_ood.clone())
 
     def forward(self, scores: Tensor, is_ood: Tensor) -> Tensor:
         """Add a batch (as :meth:`update`) and return the metric of this batch alone.
@@ -125,10 +126,10 @@ class _OODScoreMetric(Metric):
         """
         self.update(scores, is_ood)
         curve = _batch_curve(scores, is_ood, type(self).__name__)
-        self._forward_cache = (
-            _nan(scores.device) if curve is None else self.compute_from_curve(curve)
-        )
-        return self._forward_cache
+        value = _nan(scores.device) if curve is None else self.compute_from_curve(curve)
+        # torchmetrics sets _forward_cache = None unannotated in Metric.__init__, so mypy types it None
+        self._forward_cache = value  # type: ignore[assignment]
+        return value
 
     def compute(self) -> Tensor:
         """The metric over every sample added since the last reset (all processes when distributed).
@@ -178,7 +179,7 @@ class AUROC(_OODScoreMetric):
         tensor(0.7500, dtype=torch.float64)
     """
 
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: bool = True
 
     def compute_from_curve(self, curve: OODCurve) -> Tensor:
         return auroc_from_curve(curve)
@@ -212,7 +213,7 @@ class FPRAtTPR(_AtTPRMetric):
         ValueError: If ``tpr`` is outside (0, 1] or ``positive`` is unknown.
     """
 
-    higher_is_better: ClassVar[bool] = False
+    higher_is_better: bool = False
 
     def compute_from_curve(self, curve: OODCurve) -> Tensor:
         return fpr_at_tpr_from_curve(curve, self.tpr, self.positive)
@@ -230,7 +231,7 @@ class TNRAtTPR(_AtTPRMetric):
         ValueError: If ``tpr`` is outside (0, 1] or ``positive`` is unknown.
     """
 
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: bool = True
 
     def compute_from_curve(self, curve: OODCurve) -> Tensor:
         return tnr_at_tpr_from_curve(curve, self.tpr, self.positive)
@@ -253,7 +254,7 @@ class DetectionError(_OODScoreMetric):
         ValueError: If a parameter is invalid.
     """
 
-    higher_is_better: ClassVar[bool] = False
+    higher_is_better: bool = False
 
     def __init__(
         self,
@@ -278,7 +279,7 @@ class DetectionAccuracy(_OODScoreMetric):
     Lee et al. App. B and IsoMax (docs/metrics.md); the same in both readings.
     """
 
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: bool = True
 
     def compute_from_curve(self, curve: OODCurve) -> Tensor:
         return detection_accuracy_from_curve(curve)
@@ -287,7 +288,7 @@ class DetectionAccuracy(_OODScoreMetric):
 class _PRAreaMetric(_OODScoreMetric):
     """Base of the areas under precision-recall curves."""
 
-    higher_is_better: ClassVar[bool] = True
+    higher_is_better: bool = True
 
     def __init__(self, method: PRMethod = "trapezoid", **kwargs: Any) -> None:
         _check_params(type(self).__name__, method=method)
@@ -375,7 +376,7 @@ class OODMetrics(MetricCollection):
         _check_params(
             "OODMetrics", tpr=tpr, positive=positive, method=method, at=detection_error_at
         )
-        members: dict[str, _OODScoreMetric] = {
+        members: dict[str, Metric | MetricCollection] = {
             "auroc": AUROC(**metric_kwargs),
             "fpr_at_tpr": FPRAtTPR(tpr, positive, **metric_kwargs),
             "tnr_at_tpr": TNRAtTPR(tpr, positive, **metric_kwargs),
@@ -386,7 +387,8 @@ class OODMetrics(MetricCollection):
         }
         super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=[list(members)])
 
-    def update(self, scores: Tensor, is_ood: Tensor) -> None:
+    # torchmetrics' MetricCollection reuses ModuleDict.update (add modules) to update its metrics
+    def update(self, scores: Tensor, is_ood: Tensor) -> None:  # type: ignore[override]
         """Add a batch to the shared state.
 
         Args:
@@ -438,7 +440,7 @@ class OODMetrics(MetricCollection):
         return self._from_curve(curve)
 
     def _members(self) -> dict[str, _OODScoreMetric]:
-        return dict(self.items(keep_base=True, copy_state=False))
+        return cast(dict[str, _OODScoreMetric], dict(self.items(keep_base=True, copy_state=False)))  # built in __init__
 
     def _key(self, name: str) -> str:
         return f"{self.prefix or ''}{name}{self.postfix or ''}"

@@ -25,6 +25,7 @@ from ..detectors import detector_registrations
 from ..detectors.base import Detector, Requirements
 from ..errors import IncompatibleModelError, NotFittedError
 from ..model import wrap
+from ..model_info import timm_api
 from ..registry import check_name as validate_name
 from ..tap import Need
 from ._helpers import (
@@ -429,13 +430,13 @@ def check_save_load_round_trip(subject: _Subject) -> None:
 
 def _mlp_head(model: nn.Module) -> nn.Module | None:
     """A copy of ``model`` whose linear classifier is replaced by a two-layer MLP (None without one)."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear):
         return None
     model = copy.deepcopy(model)
-    classifier = model.get_classifier()
-    name = next(name for name, module in model.named_modules() if module is classifier)
-    width = classifier.in_features
+    copied = timm_api(model).get_classifier()
+    name = next(name for name, module in model.named_modules() if module is copied)
+    width = classifier.in_features  # the copy's sizes and device are the original's
     with torch.random.fork_rng(devices=[]):  # the same head whatever ran before (test order under xdist)
         torch.manual_seed(0)
         head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classifier.out_features))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ class _InputFormat:
     """Turns [0, 1] pixels into a model's inputs: its size, channels and normalisation."""
 
     def __init__(self, input_size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.channels, self.size = input_size[0], tuple(input_size[1:])
+        self.channels, self.size = input_size[0], (input_size[1], input_size[2])
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
@@ -125,7 +126,7 @@ def _create_model(architecture: str) -> nn.Module:
 
     overlay = {"input_size": (1, _IMAGE_SIZE, _IMAGE_SIZE), "mean": (_MEAN,), "std": (_STD,), "crop_pct": 1.0}
     fixed_size = getattr(timm.models.get_pretrained_cfg(architecture), "fixed_input_size", False)
-    size = {"img_size": _IMAGE_SIZE} if fixed_size else {}  # ViTs are built for one input size
+    size: dict[str, Any] = {"img_size": _IMAGE_SIZE} if fixed_size else {}  # ViTs are built for one input size
     return timm.create_model(architecture, num_classes=_NUM_CLASSES, in_chans=1,
                              pretrained_cfg_overlay=overlay, **size)
 

@@ -25,7 +25,14 @@ from __future__ import annotations
 from .augment import random_crop_flip
 from .bottleneck import GaussianBottleneckHead, VIBHead, VIBLoss, VIBYHead, VIBYLoss, gaussian_kl
 from .checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from .energy import EnergyLoss, GRegObjective, GRegTerms, energy_margin_loss, energy_score
+from .energy import (
+    EnergyLoss,
+    GRegObjective,
+    GRegTerms,
+    energy_input_gradient_norms,
+    energy_margin_loss,
+    energy_score,
+)
 from .energy_sampling import EnergyClusterSampler, SamplingTimings, cluster_energy_extremes, kmeans
 from .gan import (
     DCGANDiscriminator,
@@ -96,6 +103,7 @@ __all__ = [
     "class_weighted_binary_cross_entropy",
     "cluster_energy_extremes",
     "cross_entropy_to_uniform",
+    "energy_input_gradient_norms",
     "energy_margin_loss",
     "energy_score",
     "fit",

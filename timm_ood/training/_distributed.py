@@ -13,7 +13,8 @@ Only called with an initialised process group of more than one process:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ class GlobalBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         # the whole permutation is drawn, so the generator advances as in one process's epoch
-        order = range(self.rows)
+        order: Sequence[int] = range(self.rows)
         if self.generator is not None:
             order = list(RandomSampler(order, generator=self.generator))
         step = self.batch_size * self.world_size
@@ -106,13 +107,14 @@ def rank_loader(loader: Iterable, seed: int) -> tuple[Iterable, int]:
     rank, size = world()
     if isinstance(loader, ModelLoader) and not isinstance(loader.dataset, IterableDataset):
         settings = loader.settings
+        rows = len(cast(Sized, loader.dataset))  # make_loader's batches of a map-style dataset have a length
         shuffled = settings.seed if settings.seed is not None else seed
         generator = torch.Generator().manual_seed(shuffled) if settings.shuffle else None
-        sampler = GlobalBatches(len(loader.dataset), settings.batch_size, rank, size, generator)
+        sampler = GlobalBatches(rows, settings.batch_size, rank, size, generator)
         if len(sampler) == 0:
             raise ValueError(
-                f"train_data has {len(loader.dataset)} rows, fewer than one global batch of {size} processes x "
-                f"batch_size {settings.batch_size}: lower batch_size to at most {len(loader.dataset) // size}"
+                f"train_data has {rows} rows, fewer than one global batch of {size} processes x "
+                f"batch_size {settings.batch_size}: lower batch_size to at most {rows // size}"
             )
         local = DataLoader(loader.dataset, sampler=sampler, batch_size=None, num_workers=loader.num_workers)
         return local, len(sampler)
@@ -123,22 +125,26 @@ def rank_loader(loader: Iterable, seed: int) -> tuple[Iterable, int]:
             "(DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(0))), use a DistributedSampler, "
             "or pass the Hugging Face Dataset itself"
         )
-    local = shard(loader)
-    steps = _min_over_ranks(len(local))  # type: ignore[arg-type]
+    part = shard(loader)
+    if not isinstance(part, Sized):  # the error len(part) raises
+        raise TypeError(f"object of type {type(part).__name__!r} has no len()")
+    steps = _min_over_ranks(len(part))
     if steps == 0:
         raise ValueError(
             f"train_data has too few batches for {size} processes: every process needs at least one. "
             "Use smaller batches or more data"
         )
-    return _FirstSteps(local, steps), steps
+    return _FirstSteps(part, steps), steps
 
 
 def shard_outliers(outliers: Iterable) -> Iterable:
     """This rank's part of an iterable of outlier batches (:func:`timm_ood.passes.shard`), not empty on any rank."""
     local = shard(outliers)
     try:
-        count = len(local)  # type: ignore[arg-type]
-    except TypeError:  # a stream: its length is unknown on every rank alike
+        count = len(local) if isinstance(local, Sized) else None
+    except TypeError:  # a DataLoader over an IterableDataset without a length
+        count = None
+    if count is None:  # a stream: its length is unknown on every rank alike
         return local
     if _min_over_ranks(count) == 0:
         raise ValueError(

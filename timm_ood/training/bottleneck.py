@@ -165,6 +165,7 @@ class _BottleneckLoss(Objective):
 
     def forward(self, model, images, targets, outliers=None):
         head = installed_head(model, (self.head_type,), type(self).__name__)
+        assert isinstance(head, GaussianBottleneckHead)  # installed_head returns one of the kinds it is given
         mean, log_variance = head.posterior(pre_logits(model, images))
         logits = head.decoder(head.sample(mean, log_variance))
         return F.cross_entropy(logits, targets) + self.beta * self.kl(head, mean, log_variance, targets).mean()

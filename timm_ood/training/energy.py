@@ -8,6 +8,8 @@
   :func:`timm_ood.training.fit` with ``outliers=``.
 - :class:`GRegObjective`: ``CE + λ_S L_S + λ_∇S L_∇S`` (GReg Eq. 3), the input
   gradient of the masked energy hinge taken by double backprop.
+- :func:`energy_input_gradient_norms` ``||∇_x S(x)||_2`` per image: what GReg's
+  Fig. 3 plots per epoch (mean over ID and over auxiliary images).
 
 The margins default to the GReg authors' code (``m_in = -25``, ``m_out = -7``):
 the seed's values are stripped, and Liu et al. use -23/-5 (CIFAR-10) and
@@ -26,7 +28,8 @@ from ..errors import IncompatibleModelError
 from ..free_energy import free_energy
 from .objectives import Objective
 
-__all__ = ["EnergyLoss", "GRegObjective", "GRegTerms", "energy_margin_loss", "energy_score"]
+__all__ = ["EnergyLoss", "GRegObjective", "GRegTerms", "energy_input_gradient_norms", "energy_margin_loss",
+           "energy_score"]
 
 GradientScaling = Literal["batch-mean", "per-sample"]
 GRADIENT_SCALINGS: tuple[str, ...] = ("batch-mean", "per-sample")
@@ -36,6 +39,37 @@ DEFAULT_M_IN, DEFAULT_M_OUT = -25.0, -7.0
 #: the energy ``S(x) = -log Σ_k exp(f_k(x))`` of each row of ``logits`` (GReg's name for it; lower = ID):
 #: :func:`timm_ood.free_energy.free_energy` at T = 1, the same function the ``energy`` detector scores with
 energy_score = free_energy
+
+
+def energy_input_gradient_norms(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``||∇_x S(x)||_2`` of every image, the model in eval mode (GReg, Sharifi et al. 2024, Fig. 3).
+
+    The gradient is with respect to the model's input (normalised pixels), as in
+    :class:`GRegObjective`, but of the plain energy ``S`` (not the masked hinge),
+    one image at a time in effect: the energies are summed over a batch, and in
+    eval mode no image's energy depends on another's. The model's mode and its
+    parameters' gradients are left as they were.
+
+    Args:
+        model: the classifier (logits out).
+        images: [N, ...] model inputs.
+        batch_size: images per backward pass.
+
+    Returns:
+        [N] float32 norms, on the images' device.
+    """
+    was_training = model.training
+    model.eval()
+    norms = []
+    try:
+        for start in range(0, len(images), batch_size):
+            inputs = images[start:start + batch_size].detach().requires_grad_(True)
+            with torch.enable_grad():
+                (gradient,) = torch.autograd.grad(energy_score(model(inputs)).sum(), inputs)
+            norms.append(gradient.flatten(1).norm(dim=1).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(norms) if norms else images.new_zeros(0)
 
 
 def energy_margin_loss(

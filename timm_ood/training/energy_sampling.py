@@ -23,6 +23,7 @@ from torch import nn
 
 from .._runtime import eval_mode, model_device
 from ..errors import IncompatibleModelError
+from ..model_info import timm_api
 from .energy import energy_score
 from .outliers import OutlierSource, as_outlier_source
 
@@ -195,11 +196,12 @@ class EnergyClusterSampler:
             raise IncompatibleModelError(f"GReg+ sampling embeds candidates with timm's forward_features / "
                                          f"forward_head(pre_logits=True), which {type(model).__name__} lacks")
         device, pre_logits, energies = model_device(model), [], []
+        timm_model = timm_api(model)  # both methods checked above
         with eval_mode(model):
             for chunk in images.split(self.embed_batch_size):
-                maps = model.forward_features(chunk.to(device))
-                pre_logits.append(F.normalize(model.forward_head(maps, pre_logits=True).flatten(1), dim=1))
-                energies.append(energy_score(model.forward_head(maps)))
+                maps = timm_model.forward_features(chunk.to(device))
+                pre_logits.append(F.normalize(timm_model.forward_head(maps, pre_logits=True).flatten(1), dim=1))
+                energies.append(energy_score(timm_model.forward_head(maps)))
         return torch.cat(pre_logits), torch.cat(energies)
 
     def select(self, pre_logits: torch.Tensor, energies: torch.Tensor, k: int) -> torch.Tensor:

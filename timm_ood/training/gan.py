@@ -123,6 +123,9 @@ class DCGANGenerator(nn.Module):
         width: channels of the last hidden stage.
     """
 
+    mean: torch.Tensor  # buffers [1, C, 1, 1]
+    std: torch.Tensor
+
     def __init__(
         self, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], latent_dim: int = 100,
         width: int = 64,
@@ -428,6 +431,7 @@ class JointConfidenceObjective(Objective):
     def update(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
         """D ascends its objective, then G descends its own (the classifier frozen); their schedules step."""
         trainer = self._started()
+        assert self.generator is not None and self.discriminator is not None  # start() made both
         self.generator.train()
         self.discriminator.train()
         d = trainer.discriminator_step(images)
@@ -539,4 +543,5 @@ def fit_joint_confidence(
         batch_size=batch_size, augment=augment, seed=seed, eval_data=eval_data, max_grad_norm=max_grad_norm,
         progress=progress,
     )
+    assert objective.generator is not None and objective.discriminator is not None  # fit() started the objective
     return JointConfidenceRun(history, objective.generator, objective.discriminator)

@@ -21,12 +21,13 @@ builds a fresh head of the same kind for ``n`` classes; checkpoints
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
 
 from ..errors import IncompatibleModelError
+from ..model_info import timm_api
 
 __all__ = ["HEAD_ATTRIBUTE", "HEAD_KINDS", "IsoMaxHead", "ReplacementHead", "head_spec", "installed_head", "pre_logits",
            "replace_head"]
@@ -64,8 +65,9 @@ class IsoMaxHead(ReplacementHead):
     Macêdo et al., "Isotropic Maximization Loss and Entropic Score" (arXiv
     1908.05569), Sec. 2, Eq. 4-5: ``logits_k(x) = -||h(x) - p_k||_2``, the
     non-squared distance (a true metric; the squared one was rejected), no bias.
-    The prototypes ``p`` [K, D] start at zero (Xavier/Kaiming made detection
-    oscillate) and are ordinary parameters, so weight decay applies to them.
+    The prototypes ``p`` [K, D] start at zero by default (the paper reports that
+    Xavier/Kaiming initialisation made detection oscillate; ``prototype_init="xavier"``
+    is kept to measure that) and are ordinary parameters, so weight decay applies to them.
     The head has no scale: the entropic scale lives in
     :class:`~timm_ood.training.IsoMaxLoss` (training only), and inference uses
     ``softmax(-d)``.
@@ -85,19 +87,27 @@ class IsoMaxHead(ReplacementHead):
         in_features: D, the pre-logits width.
         num_classes: K.
         eps: the distance below which the gradient is zero (default 1e-6).
+        prototype_init: ``"zero"`` (the paper's) or ``"xavier"`` (Xavier-normal, the
+            initialisation the paper found unstable).
     """
 
     kind = "isomax"
+    prototype_inits = ("zero", "xavier")
 
-    def __init__(self, in_features: int, num_classes: int, eps: float = 1e-6) -> None:
+    def __init__(self, in_features: int, num_classes: int, eps: float = 1e-6, prototype_init: str = "zero") -> None:
         super().__init__(in_features, num_classes)
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
+        if prototype_init not in self.prototype_inits:
+            raise ValueError(f"unknown prototype_init {prototype_init!r}; choose one of {', '.join(self.prototype_inits)}")
         self.eps = float(eps)
+        self.prototype_init = prototype_init
         self.prototypes = nn.Parameter(torch.zeros(num_classes, in_features))
+        if prototype_init == "xavier":
+            nn.init.xavier_normal_(self.prototypes)
 
     def options(self) -> dict[str, Any]:
-        return {"eps": self.eps}
+        return {"eps": self.eps, "prototype_init": self.prototype_init}
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """``||h - p_k||_2`` for every feature row and prototype: [B, D] -> [B, K]."""
@@ -112,21 +122,26 @@ class IsoMaxHead(ReplacementHead):
         return -self.distances(features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_classes={self.out_features}, eps={self.eps:g}"
+        return (f"in_features={self.in_features}, num_classes={self.out_features}, eps={self.eps:g}, "
+                f"prototype_init={self.prototype_init!r}")
 
 
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The pre-logits features through timm's contract: ``forward_head(forward_features(x), pre_logits=True)``."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
+    timm_model = timm_api(model)
+    return timm_model.forward_head(timm_model.forward_features(images), pre_logits=True)
 
 
-def installed_head(model: nn.Module, kinds: tuple[type[ReplacementHead], ...], who: str) -> ReplacementHead:
+_Head = TypeVar("_Head", bound="ReplacementHead")
+
+
+def installed_head(model: nn.Module, kinds: tuple[type[_Head], ...], who: str) -> _Head:
     """``model.get_classifier()`` if it is one of ``kinds``.
 
     Raises:
         IncompatibleModelError: the model has another classifier (or none).
     """
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, kinds):
         names = " or ".join(repr(kind.kind) for kind in kinds)
         raise IncompatibleModelError(
@@ -146,7 +161,7 @@ def _classifier_path(model: nn.Module) -> str:
     """The dotted name of ``model.get_classifier()``, read from ``pretrained_cfg['classifier']``."""
     if not hasattr(model, "get_classifier"):
         raise TypeError(f"{type(model).__name__} has no get_classifier(): replace_head needs a timm model")
-    classifier = model.get_classifier()
+    classifier = timm_api(model).get_classifier()
     if isinstance(classifier, (tuple, list)):
         raise ValueError(f"{type(model).__name__} has several classifier heads (a distilled model); "
                          "replace_head supports models with one classifier")
@@ -167,7 +182,7 @@ def _classifier_path(model: nn.Module) -> str:
     return found[0]
 
 
-def _sizes(classifier: nn.Module, model: nn.Module) -> tuple[int, int]:
+def _sizes(classifier: nn.Module | tuple[nn.Module, ...], model: nn.Module) -> tuple[int, int]:
     if isinstance(classifier, (nn.Linear, ReplacementHead)):
         return classifier.in_features, classifier.out_features
     if isinstance(classifier, nn.Identity):
@@ -187,17 +202,17 @@ def _install(model: nn.Module, module: nn.Module) -> None:
         module.to(device=reference.device, dtype=reference.dtype)
     module.train(old.training)
     setattr(parent, leaf, module)
-    if model.get_classifier() is not module:
+    if timm_api(model).get_classifier() is not module:
         raise RuntimeError(f"replaced {path!r} but {type(model).__name__}.get_classifier() does not return "
                            "the new head; this model's head cannot be replaced in place")
 
 
 def _reset_classifier_keeping_head(model: nn.Module, num_classes: int, *args: Any, **kwargs: Any) -> None:
     """timm's ``reset_classifier``, then a fresh head of the recorded kind for ``num_classes`` > 0."""
-    type(model).reset_classifier(model, num_classes, *args, **kwargs)
+    cast(Any, type(model)).reset_classifier(model, num_classes, *args, **kwargs)  # the class's (timm's), not the instance's
     spec = getattr(model, HEAD_ATTRIBUTE, None)
     if spec is not None and num_classes > 0:
-        in_features, classes = _sizes(model.get_classifier(), model)
+        in_features, classes = _sizes(timm_api(model).get_classifier(), model)
         _install(model, HEAD_KINDS[spec["kind"]](in_features, classes, **spec["options"]))
 
 
@@ -225,7 +240,7 @@ def replace_head(model: nn.Module, kind: str, **options: Any) -> nn.Module:
         ValueError: an unknown kind, or a model whose classifier is not one
             linear layer (distilled, convolutional, or absent).
     """
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if classifier is None:
         raise TypeError(f"{type(model).__name__} has no get_classifier(): replace_head needs a timm model")
     if kind == "linear":
@@ -243,13 +258,14 @@ def replace_head(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     head = HEAD_KINDS[kind](in_features, num_classes, **options)
     _install(model, head)
     setattr(model, HEAD_ATTRIBUTE, {"kind": kind, "options": head.options()})
-    model.reset_classifier = functools.partial(_reset_classifier_keeping_head, model)
+    # an instance attribute, as nn.Module.__setattr__ stores a plain value (replace_head(model, "linear") pops it)
+    model.__dict__["reset_classifier"] = functools.partial(_reset_classifier_keeping_head, model)
     return head
 
 
 def head_spec(model: nn.Module) -> dict[str, Any] | None:
     """``{"kind", "options"}`` of the replaced head ``get_classifier()`` returns, or None for timm's own."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(classifier, ReplacementHead):
         return {"kind": classifier.kind, "options": classifier.options()}
     return None

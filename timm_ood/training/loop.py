@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,8 @@ def accuracy(model: nn.Module, data: Iterable | Any) -> float:
     correct = total = 0
     with eval_mode(model):
         for images, labels in iter_batches(shard(data)):
+            if labels is None:  # would fail at labels.cpu() below
+                raise ValueError("accuracy needs labelled batches: (images, labels), or a dataset with a label column")
             predictions = model(images.to(device)).argmax(dim=1).cpu()
             correct += int((predictions == labels.cpu()).sum())
             total += len(labels)
@@ -157,7 +159,7 @@ def _train_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int)
 def _scheduled_loader(train_data: Any, model: nn.Module, batch_size: int, seed: int) -> tuple[Iterable, int]:
     """The training loader and its steps per epoch (a learning-rate schedule needs a known, non-zero length)."""
     loader = _train_loader(train_data, model, batch_size, seed)
-    if not hasattr(loader, "__len__"):
+    if not isinstance(loader, Sized):
         raise TypeError("train_data must have a length (a DataLoader or a list of batches) to schedule the learning rate")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -281,9 +283,8 @@ def fit(
         raise ValueError(f"{type(objective).__name__} trains with auxiliary outliers: pass outliers=...")
     if outliers is not None and not isinstance(outliers, OutlierSource):
         # seeded apart from the ID shuffling: equally long sets would otherwise pair the same images every epoch
-        outliers = outlier_batches(outliers, model, batch_size=batch_size, seed=seed + 1)
-        if world_size > 1:
-            outliers = _distributed.shard_outliers(outliers)
+        batches = outlier_batches(outliers, model, batch_size=batch_size, seed=seed + 1)
+        outliers = _distributed.shard_outliers(batches) if world_size > 1 else batches
     outlier_source = None if outliers is None else as_outlier_source(outliers)
     loader, steps_per_epoch = _scheduled_loader(train_data, model, batch_size, seed)
     if world_size > 1:
@@ -338,7 +339,9 @@ def fit(
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
         if world_size > 1:
             _distributed.sync_buffers([model, objective])
-        record = EpochRecord(epoch, total_loss / max(seen, 1), scheduler.get_last_lr()[0], time.perf_counter() - start)
+        # float learning rates (make_optimizer's), which torch types as float | Tensor
+        record = EpochRecord(epoch, total_loss / max(seen, 1), float(scheduler.get_last_lr()[0]),
+                             time.perf_counter() - start)
         record = objective.end_epoch(record)
         if eval_data is not None:
             record.accuracy = accuracy(model, eval_data)

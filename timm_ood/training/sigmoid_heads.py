@@ -213,6 +213,7 @@ class BINLoss(Objective):
 
     def forward(self, model, images, targets, outliers=None):
         head = installed_head(model, (BINHead,), "BINLoss")
+        assert isinstance(head, BINHead)  # installed_head returns one of the kinds it is given
         return class_weighted_binary_cross_entropy(head.binary_logits(pre_logits(model, images)), targets, self.zeta)
 
     def extra_repr(self) -> str:
@@ -251,6 +252,7 @@ class BINCLoss(Objective):
 
     def forward(self, model, images, targets, outliers=None):
         head = installed_head(model, (BINCHead,), "BINCLoss")
+        assert isinstance(head, BINCHead)  # installed_head returns one of the kinds it is given
         softmax_logits, binary_logits = head.both_logits(pre_logits(model, images))
         probability = torch.sigmoid(binary_logits)
         predicted_positive = binary_logits > 0
