@@ -806,7 +806,13 @@ def render(state: Mapping[str, Any], figures: Path | None = None) -> str:
         "appear three ways: `odin` at the paper's T = 1000, epsilon = 0.0014; `odin-tuned` tuned per OOD set on "
         "its held-out images (ODIN Sec. 4.2); `odin-cross` tuned on one set and tested on the others (ODIN "
         "Appendix H, mean over the sets it was not tuned on); the same for `temperature`. Tuned rows have "
-        "FPR@95TPR only. Metrics read ID as positive; values in %.", "",
+        "FPR@95TPR only. Metrics read ID as positive; values in %. ECE is the top-1 expected calibration error of "
+        "the model's softmax on the ID test set (15 bins); IsoMax's inference softmax(-d) has no entropic scale, "
+        "so its confidences are low by design and its ECE is no calibration verdict.", "",
+        "Every method trains with the recipe below; energy, GReg and GReg+ (and their variants) fine-tune the "
+        "cross-entropy model of the same seed for `fine_tune_epochs` at `fine_tune_lr`. "
+        f"Compute: {_compute_hours(runs):.2f} h of training, evaluation and tuning in all (the sum over runs of "
+        "the times below, on the machine named above).", "",
         markdown_table(["setting", "value"], [[k, f"`{v}`"] for k, v in recipe.items() if k != "seed"]),
         "",
         "## Methods",
@@ -847,6 +853,10 @@ def render(state: Mapping[str, Any], figures: Path | None = None) -> str:
     lines += _gradient_norms(runs, figures)
     lines += _bottleneck(runs)
     return "\n".join(lines)
+
+
+def _compute_hours(runs: Mapping[str, Mapping[str, Any]]) -> float:
+    return sum(r["train_seconds"] + r["eval_seconds"] for by_method in runs.values() for r in by_method.values()) / 3600
 
 
 SUMMARY_HEADER = ["method", "detector", "ID acc. ↑", "ECE ↓", *METRICS.values()]

@@ -540,63 +540,6 @@ def _create_timm_model(name: str, *, weights: str | os.PathLike | None, **kwargs
     return create_timm_model(name, pretrained=True, weights=weights, **kwargs)
 
 
-def _from_pretrained(
-    ood_model_class: type[HubMixin],
-    repo_id_or_path: str | os.PathLike,
-    *,
-    weights: str | os.PathLike | None = None,
-    revision: str | None = None,
-    token: str | None = None,
-    device: Any = None,
-    strict: bool = True,
-    **timm_kwargs: Any,
-) -> OODModel:
-    """:meth:`HubMixin.from_pretrained` for ``ood_model_class``."""
-    source = os.fspath(repo_id_or_path)
-    folder = _resolve_folder(repo_id_or_path, revision, token)
-    config = _read_config(folder, source)
-    model_config, detector_config = config["model"], config["detector"]
-    name = _model_name(config)
-    digest = model_config.get("weights_sha256")
-    if weights is None and _needs_weights(config):
-        why = "it has no pretrained tag" if not model_config.get("tag") else "it was created with pretrained=False"
-        raise ValueError(
-            f"{source!r} holds a detector fitted on {name} with weights of its own ({why}): pass them, "
-            f"from_pretrained({source!r}, weights='checkpoint.safetensors') (their sha256 at "
-            f"{model_config.get('weights_precision', 'float32')}: {digest})")
-    overlay = {k: _tuples(v) for k, v in dict(model_config.get("pretrained_cfg_overlay") or {}).items()}
-    overlay.update(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})
-    kwargs = {k: _tuples(v) for k, v in dict(model_config.get("kwargs") or {}).items()}
-    for key in ("num_classes", "in_chans"):
-        if model_config.get(key) is not None:
-            kwargs[key] = model_config[key]
-    if weights is not None and "num_classes" in kwargs:
-        overlay["num_classes"] = kwargs["num_classes"]  # the file's classifier is the model's: timm keeps it
-    kwargs.update(timm_kwargs)
-    model = _create_timm_model(name, weights=weights, pretrained_cfg_overlay=overlay, **kwargs)
-    if device is not None:
-        model = model.to(device)
-    if strict and digest:
-        found = weights_sha256(model, model_config.get("weights_precision", "float32"))
-        if found != digest:
-            where = f"the weights in {os.fspath(weights)!r}" if weights is not None else \
-                f"{name}'s pretrained weights"
-            fix = ("pass the checkpoint it was fitted on with weights=FILE" if weights is None else
-                   "pass the checkpoint it was fitted on")
-            raise IncompatibleModelError(
-                f"{source!r} holds a detector fitted on other weights than {where} (sha256 {digest[:16]}... saved, "
-                f"{found[:16]}... loaded): {fix}, or pass strict=False to load it with a warning")
-    detector = create_detector(detector_config["name"], **dict(detector_config.get("hyperparameters") or {}))
-    ood_model = cast("OODModel", cast(Any, ood_model_class)(model.eval(), detector))  # OODModel(model, detector)
-    ood_model.load_detector(folder / DETECTOR_NAME, strict=strict)
-    ood_model.timm_creation = {
-        "model_name": name,
-        "pretrained": True if weights is None else model_config.get("pretrained"),
-        "kwargs": {k: v for k, v in kwargs.items() if k not in _NOT_KWARGS},
-    }
-    return ood_model
-
-
 class HubMixin:
     """The Hugging Face Hub methods of :class:`~timm_ood.OODModel`, which inherits them.
 
@@ -654,5 +597,46 @@ class HubMixin:
             ValueError: a model with weights of its own and no ``weights``.
             FileNotFoundError: neither a folder nor a Hub repo.
         """
-        return _from_pretrained(cls, repo_id_or_path, weights=weights, revision=revision, token=token,
-                                device=device, strict=strict, **timm_kwargs)
+        source = os.fspath(repo_id_or_path)
+        folder = _resolve_folder(repo_id_or_path, revision, token)
+        config = _read_config(folder, source)
+        model_config, detector_config = config["model"], config["detector"]
+        name = _model_name(config)
+        digest = model_config.get("weights_sha256")
+        if weights is None and _needs_weights(config):
+            why = "it has no pretrained tag" if not model_config.get("tag") else "it was created with pretrained=False"
+            raise ValueError(
+                f"{source!r} holds a detector fitted on {name} with weights of its own ({why}): pass them, "
+                f"from_pretrained({source!r}, weights='checkpoint.safetensors') (their sha256 at "
+                f"{model_config.get('weights_precision', 'float32')}: {digest})")
+        overlay = {k: _tuples(v) for k, v in dict(model_config.get("pretrained_cfg_overlay") or {}).items()}
+        overlay.update(timm_kwargs.pop("pretrained_cfg_overlay", None) or {})
+        kwargs = {k: _tuples(v) for k, v in dict(model_config.get("kwargs") or {}).items()}
+        for key in ("num_classes", "in_chans"):
+            if model_config.get(key) is not None:
+                kwargs[key] = model_config[key]
+        if weights is not None and "num_classes" in kwargs:
+            overlay["num_classes"] = kwargs["num_classes"]  # the file's classifier is the model's: timm keeps it
+        kwargs.update(timm_kwargs)
+        model = _create_timm_model(name, weights=weights, pretrained_cfg_overlay=overlay, **kwargs)
+        if device is not None:
+            model = model.to(device)
+        if strict and digest:
+            found = weights_sha256(model, model_config.get("weights_precision", "float32"))
+            if found != digest:
+                where = f"the weights in {os.fspath(weights)!r}" if weights is not None else \
+                    f"{name}'s pretrained weights"
+                fix = ("pass the checkpoint it was fitted on with weights=FILE" if weights is None else
+                       "pass the checkpoint it was fitted on")
+                raise IncompatibleModelError(
+                    f"{source!r} holds a detector fitted on other weights than {where} (sha256 {digest[:16]}... saved, "
+                    f"{found[:16]}... loaded): {fix}, or pass strict=False to load it with a warning")
+        detector = create_detector(detector_config["name"], **dict(detector_config.get("hyperparameters") or {}))
+        ood_model = cast("OODModel", cast(Any, cls)(model.eval(), detector))  # OODModel(model, detector)
+        ood_model.load_detector(folder / DETECTOR_NAME, strict=strict)
+        ood_model.timm_creation = {
+            "model_name": name,
+            "pretrained": True if weights is None else model_config.get("pretrained"),
+            "kwargs": {k: v for k, v in kwargs.items() if k not in _NOT_KWARGS},
+        }
+        return ood_model

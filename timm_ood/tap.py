@@ -272,7 +272,7 @@ class Tap:
         if Need.INTERMEDIATES in needs and not hasattr(self.model, "forward_intermediates"):
             raise IncompatibleModelError(
                 f"{who} needs intermediate features, but {type(self.model).__name__} has no "
-                "forward_intermediates(); choose a detector that reads pre-logits features."
+                "forward_intermediates(); choose a detector that reads pre-logits."
             )
 
     def linear_classifier(self, who: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,7 +135,7 @@ def test_vib_head_samples_in_training_and_uses_the_mean_in_eval() -> None:
     head.eval()
     mean, _ = head.posterior(features)
     assert torch.equal(head(features), head.decoder(mean))
-    with pytest.raises(ValueError, match=r"pre-logits features \[B, 8\]"):
+    with pytest.raises(ValueError, match=r"pre-logits \[B, 8\]"):
         head(torch.randn(2, 7))
 
 

@@ -10,7 +10,7 @@
     training.fit(model, data, loss=training.VIBYLoss(beta=0.01), epochs=5)
     timm_ood.wrap(model, ["viby-1", "viby-2"])
 
-The head maps the pre-logits features h to a diagonal Gaussian posterior
+The head maps the pre-logits h to a diagonal Gaussian posterior
 ``q(z|x) = N(μ(h), diag σ²(h))`` over R^z, decodes a latent to class logits,
 and holds the learned Gaussian prior(s). In training mode its ``forward``
 decodes one reparameterised sample ``z = μ + σ ε``; in eval mode it decodes
@@ -80,9 +80,9 @@ class GaussianBottleneckHead(ReplacementHead):
         return {"latent_dim": self.latent_dim}
 
     def posterior(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior's mean μ and log-variance log σ², each [B, z], of pre-logits features [B, D]."""
+        """The posterior's mean μ and log-variance log σ², each [B, z], of pre-logits [B, D]."""
         if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects pre-logits features [B, {self.in_features}], "
+            raise ValueError(f"{type(self).__name__} expects pre-logits [B, {self.in_features}], "
                              f"got shape {tuple(features.shape)}")
         mean, log_variance = self.encoder(features).chunk(2, dim=1)
         return mean, log_variance

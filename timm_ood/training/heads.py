@@ -8,7 +8,7 @@
 
 :func:`replace_head` finds the classifier through timm's contract
 (``pretrained_cfg['classifier']``, checked against ``get_classifier()``),
-swaps it for a head over the same pre-logits features, and keeps the rest of the
+swaps it for a head over the same pre-logits, and keeps the rest of the
 model untouched: ``forward``, ``forward_head(pre_logits=True)``, the tap and
 every detector work as before (the head is an "other" head to
 :class:`~timm_ood.tap.Tap`: logits come from ``forward_head``). The head is
@@ -112,7 +112,7 @@ class IsoMaxHead(ReplacementHead):
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """``||h - p_k||_2`` for every feature row and prototype: [B, D] -> [B, K]."""
         if features.ndim != 2 or features.shape[1] != self.in_features:
-            raise ValueError(f"IsoMaxHead expects pre-logits features [B, {self.in_features}], "
+            raise ValueError(f"IsoMaxHead expects pre-logits [B, {self.in_features}], "
                              f"got shape {tuple(features.shape)}")
         dtype = torch.promote_types(features.dtype, torch.float32)
         difference = features.to(dtype)[:, None, :] - self.prototypes.to(dtype)[None, :, :]
@@ -127,7 +127,7 @@ class IsoMaxHead(ReplacementHead):
 
 
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The pre-logits features through timm's contract: ``forward_head(forward_features(x), pre_logits=True)``."""
+    """The pre-logits through timm's contract: ``forward_head(forward_features(x), pre_logits=True)``."""
     timm_model = timm_api(model)
     return timm_model.forward_head(timm_model.forward_features(images), pre_logits=True)
 
@@ -219,7 +219,7 @@ def _reset_classifier_keeping_head(model: nn.Module, num_classes: int, *args: An
 def replace_head(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     """Replace a timm model's linear classifier, in place, by a head of ``kind``.
 
-    The new head reads the same pre-logits features, has the same number of
+    The new head reads the same pre-logits, has the same number of
     classes, and sits where ``pretrained_cfg['classifier']`` says, so
     ``get_classifier()`` returns it and ``forward_head`` uses it. Afterwards
     ``model.reset_classifier(n)`` gives a fresh head of the same kind (and

@@ -57,7 +57,7 @@ class BINHead(ReplacementHead):
         self.binary = nn.Linear(in_features, num_classes)
 
     def binary_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The K sigmoid logits ``p`` [B, K] of pre-logits features [B, D]."""
+        """The K sigmoid logits ``p`` [B, K] of pre-logits [B, D]."""
         return self.binary(features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class BINCHead(ReplacementHead):
         return self.softmax(embedded), self.binary(embedded)
 
     def binary_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The K sigmoid logits ``p`` [B, K] of pre-logits features [B, D]."""
+        """The K sigmoid logits ``p`` [B, K] of pre-logits [B, D]."""
         return self.binary(self.embedding(features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
