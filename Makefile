@@ -32,7 +32,7 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict    # the site in site/; `mkdocs serve` to browse it while editing
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff "mypy>=1.10"
+	$(PY) -m pip install --quiet "ruff==0.17.6" "mypy==2.4.1"   # pinned: a new release may add rules
 	$(PY) -m ruff check timm_ood tests benchmarks plugins
 	$(PY) -m mypy timm_ood    # settings in pyproject.toml [tool.mypy]
 
