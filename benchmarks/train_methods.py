@@ -50,7 +50,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from timm_ood import training
+from timm_ood.batches import iter_batches
 from timm_ood.data import Benchmark, load_benchmark, make_loader
 from timm_ood.evaluation import evaluate, tune
 from timm_ood.evaluation.evaluate import DetectorSpec
@@ -183,7 +184,7 @@ class Method:
     @property
     def tunes(self) -> bool:
         """Whether ODIN and Baseline+T are tuned on this method's model."""
-        return self.tuned if self.tuned is not None else any(_label(_name(d)) == "odin" for d in self.detectors)
+        return self.tuned if self.tuned is not None else any(_name(d) == "odin" for d in self.detectors)
 
     def key(self) -> str:
         described = {"name": self.name, "head": self.head, "settings": dict(self.settings),
@@ -260,18 +261,21 @@ MARGIN_RULE = {"m_in": "10th percentile of the ce model's ID-train energies",
 FINE_TUNING = {"initialisation": "the ce method's model", "fine_tune_lr": 0.001, "fine_tune_epochs": 1}
 
 
+def _image_batches(loader: Any, count: int) -> Iterator[torch.Tensor]:
+    """The image batches of ``loader`` until at least ``count`` images have come."""
+    seen = 0
+    for images, _ in iter_batches(loader):
+        yield images
+        seen += len(images)
+        if seen >= count:
+            return
+
+
 def _energies(model: nn.Module, loader: Any, limit: int = 4096) -> torch.Tensor:
-    """``-logsumexp(logits)`` of up to ``limit`` images of ``loader`` (eval mode, no grad)."""
+    """The energy ``-logsumexp(logits)`` of the first batches of ``loader`` up to ``limit`` images (eval mode)."""
     model.eval()
-    energies, seen = [], 0
     with torch.inference_mode():
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            energies.append(-torch.logsumexp(model(images).double(), dim=1))
-            seen += len(images)
-            if seen >= limit:
-                break
-    return torch.cat(energies)
+        return torch.cat([training.energy_score(model(images).double()) for images in _image_batches(loader, limit)])
 
 
 def _margins_from(model: nn.Module, context: TrainContext) -> dict[str, float]:
@@ -335,12 +339,7 @@ class GradientNormProbe(training.Objective):
 
 
 def _first_images(loader: Any, count: int) -> torch.Tensor:
-    images = []
-    for batch in loader:
-        images.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        if sum(len(i) for i in images) >= count:
-            break
-    return torch.cat(images)[:count]
+    return torch.cat(list(_image_batches(loader, count)))[:count]
 
 
 def _fine_tuned_from_ce(
@@ -567,7 +566,6 @@ def bottleneck_measurements(model: nn.Module, bench: Benchmark, recipe: Recipe) 
     to the nearest prior, split into its mean term ``½ Σ (μ - m)² / s²`` and the rest (the variance term), the mean
     pre-logits norm ``||h(x)||`` and posterior-mean norm ``||μ(x)||``; and how far apart the learned priors are
     (mean pairwise distance of their means in units of their pooled sd; 0 for VIB's single prior)."""
-    from timm_ood.training.bottleneck import gaussian_kl
     from timm_ood.training.heads import pre_logits
 
     head = model.get_classifier()
@@ -581,14 +579,13 @@ def bottleneck_measurements(model: nn.Module, bench: Benchmark, recipe: Recipe) 
             if len(dataset) > limit:
                 dataset = dataset.select(range(limit))
             sums = torch.zeros(5, dtype=torch.float64)
-            for images, *_ in make_loader(dataset, model, batch_size=512, name=name):
+            for images, _ in iter_batches(make_loader(dataset, model, batch_size=512, name=name)):
                 features = pre_logits(model, images)
                 mean, log_variance = (t.double() for t in head.posterior(features))
                 features = features.double()
-                kl = gaussian_kl(mean[:, None], log_variance[:, None], prior_mean, prior_log_variance)
-                nearest = kl.argmin(dim=1)
+                kl = head.kl_to_priors(mean, log_variance)  # float64: the posterior's dtype
+                kl_min, nearest = kl.min(dim=1)
                 mean_term = 0.5 * ((mean - prior_mean[nearest]).pow(2) * torch.exp(-prior_log_variance[nearest])).sum(1)
-                kl_min = kl.min(dim=1).values
                 sums += torch.stack([kl_min.sum(), mean_term.sum(), features.norm(dim=1).sum(),
                                      mean.norm(dim=1).sum(), torch.tensor(float(len(images)), dtype=torch.float64)])
             count = float(sums[4])

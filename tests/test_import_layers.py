@@ -8,6 +8,7 @@ A package's ``__init__`` re-exporting its submodules is not a dependency of thos
 from __future__ import annotations
 
 import ast
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "timm_ood"
@@ -69,51 +70,19 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    components = []
-    for root in graph:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    components.append(sorted(component))
-    return components
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its first module repeated at the end), or None (``graphlib``'s check)."""
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as error:
+        return list(error.args[1])
+    return None
 
 
 def test_the_checker_finds_a_cycle_and_a_type_only_import_is_not_one() -> None:
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert cycles({"a": {"b"}, "b": set()}) == []
+    cycle = find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert cycle is not None and set(cycle) == {"a", "b", "c"} and cycle[0] == cycle[-1]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\nelse:\n    import y\n"
                      "def f():\n    import z\n")
     assert [alias.name for node in _runtime_imports(tree) for alias in node.names] == ["TYPE_CHECKING", "y", "z"]
@@ -123,9 +92,8 @@ def test_no_module_imports_a_module_that_depends_on_it() -> None:
     graph = import_graph()
     for package in [m for m, p in MODULES.items() if p.name == "__init__.py"]:  # re-exports are not dependencies
         graph[package] = {t for t in graph[package] if not t.startswith(package + ".")}
-    found = cycles(graph)
-    assert not found, "import cycles (each list imports itself through the others): " + "; ".join(
-        " -> ".join(c) for c in found)
+    cycle = find_cycle(graph)
+    assert cycle is None, "an import cycle (each module is imported by the next): " + " -> ".join(cycle or [])
 
 
 def test_the_metrics_are_the_bottom_layer() -> None:

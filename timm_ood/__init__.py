@@ -14,10 +14,10 @@ Scores are higher for more out-of-distribution inputs, for every detector.
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
+from ._runtime import package_version as _package_version
 from .detectors import create_detector, get_detector_class, list_detectors
 from .detectors.base import Detector, Requirements
 from .errors import (
@@ -58,10 +58,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY_SUBPACKAGES})
 
 
-try:
-    __version__ = version("timm-ood")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
+__version__ = _package_version()
 
 __all__ = [
     "Detector",

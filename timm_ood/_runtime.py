@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NUMERICS_ENV_VARS", "cpu_threads", "eval_mode", "model_device", "model_dtype", "numerics_environment"]
+__all__ = ["NUMERICS_ENV_VARS", "cpu_threads", "eval_mode", "model_device", "model_dtype", "numerics_environment",
+           "package_version"]
 
 #: environment variables that change which CPU kernels run, read once when torch loads
 #: (docs/reproducibility.md): setting them the same on two machines removes that source of difference
@@ -106,3 +107,13 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     finally:
         for module, training in saved:
             module.training = training
+
+
+def package_version() -> str:
+    """timm-ood's installed version (``timm_ood.__version__``); "0.1.0" when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("timm-ood")
+    except PackageNotFoundError:
+        return "0.1.0"

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
+from ._runtime import package_version
 from .detectors import create_detector
 from .errors import FormatVersionError, HubUnavailableError, IncompatibleModelError
 from .fingerprint import _digest, precisions_of
@@ -75,15 +76,6 @@ _NOT_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkp
                "in_chans", "cache_dir", "weights"}
 _OFFLINE_FIX = ("run once with network access (unset HF_HUB_OFFLINE) so huggingface_hub caches it, or pass the "
                 "local folder written by save_pretrained: timm_ood.from_pretrained('./folder')")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("timm-ood")
-    except PackageNotFoundError:  # running from a source tree, as timm_ood.__version__
-        return "0.1.0"
 
 
 # -- the config ---------------------------------------------------------------------
@@ -176,7 +168,7 @@ def _config(ood_model: OODModel) -> dict[str, Any]:
     return {
         "library": LIBRARY_NAME,
         "format": FORMAT_VERSION,
-        "timm_ood_version": _version(),
+        "timm_ood_version": package_version(),
         "model": _model_config(ood_model),
         "detector": {
             "name": detector.name,
@@ -446,7 +438,7 @@ def push_to_hub(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=package_version())
     with tempfile.TemporaryDirectory(prefix="timm-ood-") as folder:
         save_pretrained(ood_model, folder, results=results, repo_id=repo_id)
         try:
@@ -492,7 +484,7 @@ def _resolve_folder(repo_id_or_path: str | os.PathLike, revision: str | None, to
 
     try:
         return Path(snapshot_download(text, revision=revision, token=token, allow_patterns=list(FILES),
-                                      library_name=LIBRARY_NAME, library_version=_version()))
+                                      library_name=LIBRARY_NAME, library_version=package_version()))
     except LocalEntryNotFoundError as error:
         why = "huggingface_hub is in offline mode (HF_HUB_OFFLINE=1)" if _offline() else \
             "the Hugging Face Hub cannot be reached"
@@ -527,9 +519,9 @@ def _read_config(folder: Path, source: str) -> dict[str, Any]:
         newer = isinstance(found, int) and found > FORMAT_VERSION
         fix = (f"install timm-ood>={wrote} (pip install -U timm-ood)" if newer else
                f"install timm-ood=={wrote} to load it, or load it there and save it again with timm-ood "
-               f"{_version()}")
+               f"{package_version()}")
         raise FormatVersionError(
-            f"{source!r} was written by timm-ood {wrote} in folder format {found!r}; timm-ood {_version()} reads "
+            f"{source!r} was written by timm-ood {wrote} in folder format {found!r}; timm-ood {package_version()} reads "
             f"format {FORMAT_VERSION}: {fix}")
     return config
 
