@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from types import ModuleType
 
+import pytest
+import torch
+
 from ._benchmarks import benchmark_module
 
 SETS = ["digits", "natural-crop", "natural-resize", "glyphs", "gaussian"]
@@ -120,3 +123,29 @@ def test_runs_saved_by_separate_processes_are_merged_not_overwritten(tmp_path):
     state = json.loads(out.with_suffix(".json").read_text())
     assert sorted(state["runs"]) == ["0", "1"] and state["commands"] == ["run seed 0", "run seed 1"]
     assert "Seeds: 0, 1." in out.read_text()
+
+
+def test_the_gradient_norm_probe_measures_at_the_start_and_every_quarter_epoch_without_changing_the_run():
+    """GReg Fig. 3's probe: the wrapped objective trains exactly as it would alone; the norms are the library's."""
+    from timm_ood import training
+
+    from ._models import batches, create, digits_split, noise_images
+
+    images, labels = digits_split()["train"]
+    train, outliers = batches(images[:64], labels[:64], 8), [noise_images(8, seed=s) for s in range(8)]
+    probes = {"id": images[:16], "auxiliary": noise_images(16, seed=9)}
+    trained = {}
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = create("test_resnet")
+        loss = training.as_objective(training.EnergyLoss(m_in=-12.0, m_out=-4.0), with_outliers=True)
+        if probed:
+            loss = bench().GradientNormProbe(loss, probes, per_epoch=4)
+        training.fit(model, train, loss=loss, outliers=outliers, epochs=1, lr=0.01, seed=0, progress=False)
+        trained[probed] = model
+    for before, after in zip(trained[False].state_dict().values(), trained[True].state_dict().values(), strict=True):
+        assert torch.equal(before, after)
+    assert loss.norms["epochs"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert float(loss.norms["id"][-1]) == pytest.approx(
+        float(training.energy_input_gradient_norms(trained[True], probes["id"]).mean()), rel=1e-5)
+    assert len(loss.norms["auxiliary"]) == 5
